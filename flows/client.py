@@ -1,0 +1,277 @@
+"""Async client for any OpenAI-compatible chat endpoint, with the request journal.
+
+- At most `max_concurrency` requests in flight per endpoint.
+- 429, 5xx, timeouts, dropped connections and unusable answers are retried with
+  exponential backoff and full jitter, waiting at least what `Retry-After` asks.
+  Other 4xx (bad key, unknown model, bad request) fail at once.
+- `finish_reason == "length"` is an answer, not an error: it is returned (and
+  journaled) as is, never blindly re-sent.
+- One sample per request: sample i is sent with `seed + i`, which emulates `n`
+  on servers that ignore it (llama.cpp) and makes every sample replayable.
+- Every answer is journaled before it is returned; a request whose key is in the
+  journal is answered from it without touching the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import openai
+
+from flows.journal import RequestJournal, request_key
+
+log = logging.getLogger("distillery.client")
+
+RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+MAX_BACKOFF_S = 60.0
+
+
+class ModelRequestError(RuntimeError):
+    """A request that could not be answered; names the endpoint and the cause."""
+
+    def __init__(self, endpoint: str, model: str, message: str) -> None:
+        super().__init__(f"{endpoint} (model {model}): {message}")
+        self.endpoint = endpoint
+        self.model = model
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # raw JSON text, as the model wrote it
+
+
+@dataclass(frozen=True)
+class ChatResponse:
+    content: str
+    finish_reason: str
+    reasoning_content: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    replayed: bool = False
+
+    def to_journal(self) -> dict[str, Any]:
+        return {
+            "content": self.content,
+            "finish_reason": self.finish_reason,
+            "reasoning_content": self.reasoning_content,
+            "tool_calls": [vars(call) for call in self.tool_calls],
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "latency_s": self.latency_s,
+        }
+
+    @classmethod
+    def from_journal(cls, value: dict[str, Any]) -> ChatResponse:
+        calls = tuple(ToolCall(**call) for call in value.get("tool_calls") or ())
+        return cls(**{**value, "tool_calls": calls, "replayed": True})
+
+
+@dataclass
+class ClientStats:
+    sent: int = 0  # requests that got an answer from the endpoint
+    replayed: int = 0  # requests answered from the journal
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    model_seconds: float = 0.0  # summed latency of answered requests
+
+
+class BadResponse(Exception):
+    """The endpoint answered 200 with something that is not a usable completion."""
+
+
+@dataclass
+class ModelClient:
+    """One endpoint + model. `base_url` may be a coroutine function, called once
+    before the first request that is not in the journal (lazy embedded server)."""
+
+    model: str
+    base_url: str | Callable[[], Awaitable[str]]
+    journal: RequestJournal
+    api_key: str = "not-needed"
+    max_concurrency: int = 16
+    timeout_s: float = 600.0
+    max_retries: int = 5
+    backoff_base_s: float = 1.0
+    extra_body: dict[str, Any] = field(default_factory=dict)
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    stats: ClientStats = field(default_factory=ClientStats)
+    _openai: openai.AsyncOpenAI | None = field(default=None, init=False, repr=False)
+    _semaphore: asyncio.Semaphore | None = field(default=None, init=False, repr=False)
+    _endpoint: str = field(default="", init=False, repr=False)
+    _start_lock: asyncio.Lock | None = field(default=None, init=False, repr=False)
+
+    @property
+    def endpoint(self) -> str:
+        return self._endpoint or (self.base_url if isinstance(self.base_url, str) else "embedded")
+
+    async def chat(
+        self,
+        messages: list[dict[str, Any]],
+        params: dict[str, Any],
+        *,
+        sample: int = 0,
+        shard: str = "shard",
+        tools: list[dict[str, Any]] | None = None,
+    ) -> ChatResponse:
+        """One completion for `messages`. `params`: temperature, top_p, max_tokens, seed, stop…"""
+        params = dict(params)
+        if params.get("seed") is not None:
+            params["seed"] = int(params["seed"]) + sample
+        key = request_key(
+            "chat",
+            {"model": self.model, "messages": messages, "params": params, "extra": self.extra_body,
+             "tools": tools, "sample": sample},
+        )
+        cached = self.journal.get(key)
+        if cached is not None:
+            self.stats.replayed += 1
+            return ChatResponse.from_journal(cached)
+        response = await self._send_with_retries(messages, params, tools)
+        self.journal.record(shard, key, response.to_journal())
+        self.stats.sent += 1
+        self.stats.prompt_tokens += response.prompt_tokens
+        self.stats.completion_tokens += response.completion_tokens
+        self.stats.model_seconds += response.latency_s
+        return response
+
+    async def _connect(self) -> openai.AsyncOpenAI:
+        if self._openai is not None:
+            return self._openai
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self._openai is None:
+                url = self.base_url if isinstance(self.base_url, str) else await self.base_url()
+                self._endpoint = url
+                limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
+                self._openai = openai.AsyncOpenAI(
+                    base_url=url, api_key=self.api_key, max_retries=0, timeout=self.timeout_s,
+                    http_client=httpx.AsyncClient(limits=limits, timeout=self.timeout_s),
+                )
+        return self._openai
+
+    async def _send_with_retries(
+        self, messages: list[dict[str, Any]], params: dict[str, Any], tools: list[dict[str, Any]] | None
+    ) -> ChatResponse:
+        client = await self._connect()
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self.max_concurrency)
+        attempt = 0
+        while True:
+            try:
+                async with self._semaphore:
+                    return await self._send_once(client, messages, params, tools)
+            except Exception as exc:  # noqa: BLE001 - classified right below
+                retryable, wait_hint, reason = _classify(exc)
+                if not retryable:
+                    raise ModelRequestError(self.endpoint, self.model, reason) from exc
+                if attempt >= self.max_retries:
+                    raise ModelRequestError(
+                        self.endpoint, self.model, f"{reason} (gave up after {attempt + 1} attempts)"
+                    ) from exc
+                delay = max(wait_hint or 0.0, self._backoff(attempt))
+                log.warning("%s: %s; retry %d/%d in %.1fs", self.endpoint, reason, attempt + 1, self.max_retries, delay)
+                self.stats.retries += 1
+                attempt += 1
+                await self.sleep(delay)
+
+    def _backoff(self, attempt: int) -> float:
+        return random.uniform(0, min(MAX_BACKOFF_S, self.backoff_base_s * 2**attempt))
+
+    async def _send_once(
+        self,
+        client: openai.AsyncOpenAI,
+        messages: list[dict[str, Any]],
+        params: dict[str, Any],
+        tools: list[dict[str, Any]] | None,
+    ) -> ChatResponse:
+        started = time.perf_counter()
+        kwargs: dict[str, Any] = {"model": self.model, "messages": messages, "n": 1, **params}
+        if tools:
+            kwargs["tools"] = tools
+        if self.extra_body:
+            kwargs["extra_body"] = self.extra_body
+        completion = await client.chat.completions.create(**kwargs)
+        latency = time.perf_counter() - started
+        return _parse_completion(completion, latency)
+
+    async def aclose(self) -> None:
+        if self._openai is not None:
+            await self._openai.close()
+            self._openai = None
+
+
+def _parse_completion(completion: Any, latency: float) -> ChatResponse:
+    choices = getattr(completion, "choices", None)
+    if not choices:
+        raise BadResponse(f"answer has no choices: {str(completion)[:200]!r}")
+    choice = choices[0]
+    message = getattr(choice, "message", None)
+    if message is None:
+        raise BadResponse("answer has no message")
+    content = message.content or ""
+    reasoning = getattr(message, "reasoning_content", None) or (message.model_extra or {}).get("reasoning_content")
+    calls = tuple(
+        ToolCall(id=call.id or f"call_{i}", name=call.function.name, arguments=call.function.arguments or "")
+        for i, call in enumerate(message.tool_calls or ())
+    )
+    if not content and not reasoning and not calls and choice.finish_reason != "length":
+        raise BadResponse("answer is empty (no content, no reasoning, no tool call)")
+    usage = getattr(completion, "usage", None)
+    return ChatResponse(
+        content=content,
+        finish_reason=choice.finish_reason or "stop",
+        reasoning_content=reasoning,
+        tool_calls=calls,
+        prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+        completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+        latency_s=round(latency, 4),
+    )
+
+
+def _retry_after_seconds(headers: httpx.Headers | None) -> float | None:
+    value = headers.get("retry-after") if headers is not None else None
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time()) if when else None
+
+
+def _classify(exc: Exception) -> tuple[bool, float | None, str]:
+    """(retry?, server-requested wait, human reason)."""
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        detail = _short(exc.message)
+        return status in RETRYABLE_STATUS or status >= 500, _retry_after_seconds(exc.response.headers), f"HTTP {status}: {detail}"
+    if isinstance(exc, openai.APITimeoutError):
+        return True, None, "request timed out"
+    if isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__ or exc
+        return True, None, f"connection failed: {_short(str(cause) or type(cause).__name__)}"
+    if isinstance(exc, (BadResponse, openai.APIResponseValidationError)):
+        return True, None, f"unusable answer: {_short(str(exc))}"
+    if isinstance(exc, (ValueError, TypeError, KeyError, AttributeError)):
+        # The SDK could not make sense of the body (garbage JSON and the like).
+        return True, None, f"unusable answer: {type(exc).__name__}: {_short(str(exc))}"
+    return False, None, f"{type(exc).__name__}: {_short(str(exc))}"
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,152 @@
+"""DualDistill composites: two teachers answer, answers are graded, pairs are stitched.
+
+In:  a recipe YAML (see recipes/demo.yaml): problems, a tool-using and a reasoning
+     teacher (the embedded default model or any OpenAI-compatible endpoint),
+     the stitching order, sandbox limits.
+Out: under the recipe's `output_dir`, three Parquet datasets with cards —
+     `composites/` (the SFT rows), `trajectories/` (every graded answer) and
+     `rejected/` (both answers wrong) — plus `.distillery/summary.json` and a
+     Prefect markdown artifact with the same summary.
+Run: `distillery run recipes/demo.yaml` (no Prefect server needed), or deploy
+     this flow (`dualdistill`) to a server and pass `recipe_path`.
+
+Per shard: load → [tool teacher ‖ reasoning teacher] → grade → stitch; shards run
+concurrently and every stage is a Prefect task cached by the content of its
+inputs. Every request is journaled, so a rerun after a failure sends only what
+is missing. A shard that fails does not stop the others; the run then fails
+with a message naming the stage, the endpoint and the error, and publishes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from flows.grading import GRADER_VERSION, Grader
+from flows.outputs import publish_outputs
+from flows.problems import load_problems
+from flows.prompts import load_prompt
+from flows.report import RunSummary, summarise, summary_markdown
+from flows.runtime import Runtime, build_runtime, teacher_fingerprint
+from flows.stages import ShardFailed, answer_shard, content_key, grade_shard, shard_name, split_shards
+from flows.stitching import stitch_shard
+from schemas.recipe import Recipe, load_recipe
+from schemas.records import Composite, GradedTrajectory, Problem, Rejected, Trajectory
+
+STAGE_VERSION = "1"  # bump when a stage's output format changes, to invalidate cached results
+
+
+class RunFailed(RuntimeError):
+    """At least one shard failed; everything answered so far is in the journal."""
+
+
+def _by_key(context, parameters) -> str:  # noqa: ANN001 - Prefect's cache_key_fn signature
+    return parameters["key"]
+
+
+@task(name="load-problems")
+def load_problems_task(recipe: Recipe) -> list[Problem]:
+    return load_problems(recipe.problems)
+
+
+@task(name="answer-shard", cache_key_fn=_by_key, persist_result=True, retries=1, retry_delay_seconds=5)
+async def answer_task(key: str, runtime: Runtime, role: str, shard: str, problems: list[Problem]) -> list[Trajectory]:
+    return await answer_shard(runtime.teacher(role), problems, shard)
+
+
+@task(name="grade-shard", cache_key_fn=_by_key, persist_result=True)
+async def grade_task(
+    key: str, grader: Grader, lock: asyncio.Lock, trajectories: list[Trajectory], problems: list[Problem]
+) -> list[GradedTrajectory]:
+    async with lock:  # one grader process pool, fed one shard at a time
+        return await asyncio.to_thread(grade_shard, trajectories, problems, grader)
+
+
+@task(name="stitch-shard", cache_key_fn=_by_key, persist_result=True)
+def stitch_task(key: str, recipe: Recipe, problems: list[Problem], graded: list[GradedTrajectory]):
+    spec = recipe.stitching
+    return stitch_shard(problems, graded, load_prompt(spec.transitions), spec.order, spec.seed, recipe.system_prompt)
+
+
+@task(name="publish")
+def publish_task(recipe: Recipe, summary: RunSummary, composites, trajectories, rejected) -> dict[str, str]:
+    published = publish_outputs(recipe, summary, composites, trajectories, rejected)
+    return {name: str(dataset.path) for name, dataset in published.items()}
+
+
+async def _process_shard(
+    recipe: Recipe, runtime: Runtime, grader: Grader, lock: asyncio.Lock, index: int, problems: list[Problem]
+) -> tuple[list[GradedTrajectory], list[Composite], list[Rejected]]:
+    shard = shard_name(index)
+    scope = (STAGE_VERSION, str(Path(recipe.output_dir).resolve()), problems)
+    answer_keys = {role: content_key("answer", teacher_fingerprint(role, recipe), *scope) for role in ("tool", "reasoning")}
+    answers = await asyncio.gather(
+        *(answer_task.with_options(retries=recipe.shard_retries)(answer_keys[role], runtime, role, shard, problems)
+          for role in ("tool", "reasoning")),
+        return_exceptions=True,
+    )
+    for outcome in answers:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    trajectories = [t for outcome in answers for t in outcome]
+    grade_key = content_key("grade", GRADER_VERSION, answer_keys["tool"], answer_keys["reasoning"])
+    graded = await grade_task(grade_key, grader, lock, trajectories, problems)
+    stitch_key = content_key("stitch", grade_key, recipe.stitching, recipe.system_prompt,
+                             load_prompt(recipe.stitching.transitions).digest)
+    composites, rejected = stitch_task(stitch_key, recipe, problems, graded)
+    return graded, composites, rejected
+
+
+def _failure_message(failures: list[BaseException]) -> str:
+    lines = [f"{len(failures)} shard(s) failed; answers already received are journaled, rerun to resume:"]
+    for failure in failures:
+        lines.append(f"  - {failure}" if isinstance(failure, ShardFailed) else f"  - {type(failure).__name__}: {failure}")
+    return "\n".join(lines)
+
+
+@flow(name="dualdistill", flow_run_name="{recipe_path}")
+async def dualdistill(recipe_path: str) -> dict:
+    """Run the recipe at `recipe_path`; returns the run summary as a dict."""
+    started = time.perf_counter()
+    logger = get_run_logger()
+    recipe = load_recipe(recipe_path)
+    problems = load_problems_task(recipe)
+    shards = split_shards(problems, recipe.shard_size)
+    logger.info("%d problems in %d shard(s) of up to %d", len(problems), len(shards), recipe.shard_size)
+
+    runtime = build_runtime(recipe)
+    grader = Grader(workers=1)
+    lock = asyncio.Lock()
+    try:
+        outcomes = await asyncio.gather(
+            *(_process_shard(recipe, runtime, grader, lock, i, shard) for i, shard in enumerate(shards)),
+            return_exceptions=True,
+        )
+    finally:
+        await runtime.aclose()
+        grader.close()
+    failures = [o for o in outcomes if isinstance(o, BaseException)]
+    if failures:
+        raise RunFailed(_failure_message(failures))
+
+    graded = [t for g, _, _ in outcomes for t in g]
+    composites = [c for _, cs, _ in outcomes for c in cs]
+    rejected = [r for _, _, rs in outcomes for r in rs]
+    summary = summarise(recipe.run_name, len(problems), graded, composites, rejected)
+    summary.sandbox, summary.grader = runtime.sandbox.name, GRADER_VERSION
+    summary.datasets = publish_task(recipe, summary, composites, graded, rejected)
+    summary.wall_s = round(time.perf_counter() - started, 2)
+
+    recipe.state_dir.mkdir(parents=True, exist_ok=True)
+    (recipe.state_dir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
+    await create_markdown_artifact(
+        key="dualdistill-" + re.sub(r"[^a-z0-9-]+", "-", recipe.run_name.lower()),
+        markdown=summary_markdown(summary), description="DualDistill run summary",
+    )
+    return summary.to_dict()

@@ -1,0 +1,62 @@
+"""Publish a run's three datasets (composites, trajectories, rejected) with their cards."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from flows.publish import DatasetCardInfo, PublishedDataset, features_for, publish_dataset
+from flows.report import RunSummary, cases_markdown, teachers_markdown
+from schemas.recipe import Recipe
+from schemas.records import Composite, GradedTrajectory, Rejected
+
+DESCRIPTIONS = {
+    "composites": (
+        "DualDistill composite trajectories: a tool-using and a reasoning teacher answered each problem, each "
+        "answer was graded against the gold answer, and the pair was stitched by correctness. `text` is the SFT "
+        "target, `messages` the conversation, and the first `mask_until` characters of `text` (a failed first "
+        "attempt) should be masked from the loss."
+    ),
+    "trajectories": "Every graded teacher answer of the run, with tokens, requests, code executions and latency.",
+    "rejected": "Problems whose two answers were both wrong, kept with the grader's reasons; not training data.",
+}
+
+
+def _card_sections(recipe: Recipe, summary: RunSummary) -> dict[str, str]:
+    recipe_yaml = yaml.safe_dump(json.loads(recipe.model_dump_json()), sort_keys=False).strip()
+    sampling = "\n".join(
+        f"- **{role}**: `{getattr(recipe.teachers, role).sampling.model_dump_json()}`" for role in ("tool", "reasoning")
+    )
+    return {
+        "Stitching cases": cases_markdown(summary),
+        "Teachers": teachers_markdown(summary),
+        "Sampling parameters": sampling,
+        "Grader": f"`{summary.grader}`; sandbox for code: `{summary.sandbox}`.",
+        "Recipe": f"```yaml\n{recipe_yaml}\n```",
+    }
+
+
+def publish_outputs(
+    recipe: Recipe,
+    summary: RunSummary,
+    composites: Sequence[Composite],
+    trajectories: Sequence[GradedTrajectory],
+    rejected: Sequence[Rejected],
+) -> dict[str, PublishedDataset]:
+    sections = _card_sections(recipe, summary)
+    tables = {
+        "composites": (composites, Composite),
+        "trajectories": (trajectories, GradedTrajectory),
+        "rejected": (rejected, Rejected),
+    }
+    published = {}
+    for name, (rows, model) in tables.items():
+        card = DatasetCardInfo(
+            title=f"{recipe.run_name} — {name}", description=DESCRIPTIONS[name], sections=sections,
+            tags=["distillery", "dualdistill", "synthetic", "math"],
+        )
+        published[name] = publish_dataset(Path(recipe.output_dir) / name, rows, features_for(model), card)
+    return published

@@ -1,0 +1,186 @@
+"""Load problems from a file, a dataset folder, or the built-in generator.
+
+Sources: `.jsonl`, `.parquet`, a local Hugging Face dataset folder (saved with
+`save_to_disk`, or data files `load_dataset` understands), or `builtin:arithmetic`
+(seeded easy word problems for the demo). Columns are mapped by the recipe; a
+missing column, an empty problem or an empty answer raises `ProblemSourceError`
+naming the file and the row. Without an id column, the id is derived from the
+problem text, so it stays the same across reruns and reorderings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+from schemas.recipe import BUILTIN_ARITHMETIC, ProblemsSpec
+from schemas.records import Problem
+
+log = logging.getLogger("distillery.problems")
+
+
+class ProblemSourceError(ValueError):
+    """A problem source that cannot be used; the message names the file and row."""
+
+
+def stable_id(problem_text: str) -> str:
+    return "p-" + hashlib.sha256(problem_text.strip().encode()).hexdigest()[:16]
+
+
+def load_problems(spec: ProblemsSpec) -> list[Problem]:
+    if spec.source == BUILTIN_ARITHMETIC:
+        return arithmetic_problems(spec.limit or 0, seed=spec.seed)
+    if spec.source.startswith("builtin:"):
+        raise ProblemSourceError(f"unknown built-in problem source {spec.source!r} (known: {BUILTIN_ARITHMETIC})")
+    problems = _dedupe(list(_map_rows(spec)), spec.source)
+    if spec.shuffle:
+        random.Random(spec.seed).shuffle(problems)
+    return problems[: spec.limit] if spec.limit else problems
+
+
+def _map_rows(spec: ProblemsSpec) -> Iterator[Problem]:
+    cols = spec.columns
+    for row_index, row in enumerate(_read_rows(Path(spec.source), spec.split)):
+        where = f"{spec.source} row {row_index}"
+        if not isinstance(row, dict):
+            raise ProblemSourceError(f"{where}: expected an object, got {type(row).__name__}")
+        wanted = [cols.problem, cols.answer] + ([cols.id] if cols.id else [])
+        for column in wanted:
+            if column not in row:
+                raise ProblemSourceError(
+                    f"{where}: missing column {column!r} (columns there: {', '.join(map(str, row)) or 'none'}); "
+                    "map columns with problems.columns in the recipe"
+                )
+        text = _as_text(row[cols.problem])
+        answer = _as_text(row[cols.answer])
+        if not text:
+            raise ProblemSourceError(f"{where}: empty problem in column {cols.problem!r}")
+        if not answer:
+            raise ProblemSourceError(f"{where}: empty answer in column {cols.answer!r}")
+        problem_id = _as_text(row[cols.id]) if cols.id else stable_id(text)
+        if not problem_id:
+            raise ProblemSourceError(f"{where}: empty id in column {cols.id!r}")
+        yield Problem(id=problem_id, problem=text, answer=answer, source=spec.source, source_row=row_index)
+
+
+def _as_text(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip()
+
+
+def _read_rows(path: Path, split: str) -> Iterator[dict]:
+    if not path.exists():
+        raise ProblemSourceError(f"{path}: problem source not found")
+    if path.is_dir():
+        yield from _read_dataset_folder(path, split)
+    elif path.suffix == ".jsonl":
+        yield from _read_jsonl(path)
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        yield from pq.read_table(path).to_pylist()
+    else:
+        raise ProblemSourceError(f"{path}: unsupported problem file (use .jsonl, .parquet or a dataset folder)")
+
+
+def _read_jsonl(path: Path) -> Iterator[dict]:
+    with path.open(encoding="utf-8") as lines:
+        row_index = 0
+        for line_number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ProblemSourceError(f"{path} row {row_index} (line {line_number}): not valid JSON: {exc.msg}") from None
+            row_index += 1
+
+
+def _read_dataset_folder(path: Path, split: str) -> Iterator[dict]:
+    import datasets
+
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ProblemSourceError(f"{path}: no split {split!r} (splits: {', '.join(loaded)})")
+            loaded = loaded[split]
+    else:
+        try:
+            loaded = datasets.load_dataset(str(path), split=split)
+        except ValueError as exc:
+            raise ProblemSourceError(f"{path}: cannot load split {split!r}: {exc}") from None
+    yield from loaded
+
+
+def _dedupe(problems: list[Problem], source: str) -> list[Problem]:
+    """Drop exact repeats; the same id with different content is an error."""
+    seen: dict[str, Problem] = {}
+    kept: list[Problem] = []
+    for problem in problems:
+        earlier = seen.get(problem.id)
+        if earlier is None:
+            seen[problem.id] = problem
+            kept.append(problem)
+        elif (earlier.problem, earlier.answer) != (problem.problem, problem.answer):
+            raise ProblemSourceError(
+                f"{source} row {problem.source_row}: id {problem.id!r} already used by row {earlier.source_row} "
+                "with a different problem or answer"
+            )
+    if len(kept) < len(problems):
+        log.warning("%s: dropped %d duplicate problem(s)", source, len(problems) - len(kept))
+    return kept
+
+
+# --- the built-in generator -------------------------------------------------
+
+_NAMES = ["Ana", "Ben", "Chloe", "Dev", "Emma", "Farid", "Grace", "Hugo", "Iris", "Jon", "Kemi", "Liam"]
+_ITEMS = ["apples", "marbles", "stickers", "books", "pencils", "coins", "cards", "shells"]
+
+
+def _word_problem(rng: random.Random) -> tuple[str, int]:
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    kind = rng.randrange(5)
+    if kind == 0:
+        a, b = rng.randint(12, 300), rng.randint(12, 300)
+        return f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?", a + b
+    if kind == 1:
+        a = rng.randint(100, 900)
+        b = rng.randint(10, a - 1)
+        return f"{name} had {a} {item} and gave away {b}. How many {item} are left?", a - b
+    if kind == 2:
+        a, b = rng.randint(3, 40), rng.randint(3, 40)
+        return f"{name} has {a} bags with {b} {item} in each bag. How many {item} are there in all?", a * b
+    if kind == 3:
+        b, q = rng.randint(2, 12), rng.randint(3, 40)
+        return f"{name} shares {b * q} {item} equally among {b} friends. How many {item} does each friend get?", q
+    a, b, c = rng.randint(50, 400), rng.randint(5, 49), rng.randint(5, 99)
+    return (
+        f"A shop had {a} {item}. It sold {b} and then received {c} more. How many {item} does the shop have now?",
+        a - b + c,
+    )
+
+
+def arithmetic_problems(count: int, seed: int = 0) -> list[Problem]:
+    """`count` distinct easy word problems with integer answers, the same for the same seed."""
+    rng = random.Random(seed)
+    problems: dict[str, Problem] = {}
+    attempts = 0
+    while len(problems) < count:
+        attempts += 1
+        if attempts > count * 50:
+            raise ProblemSourceError(f"{BUILTIN_ARITHMETIC}: cannot make {count} distinct problems")
+        text, answer = _word_problem(rng)
+        pid = stable_id(text)
+        if pid not in problems:
+            problems[pid] = Problem(
+                id=pid, problem=text, answer=str(answer), source=BUILTIN_ARITHMETIC, source_row=len(problems)
+            )
+    return list(problems.values())

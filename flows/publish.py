@@ -1,0 +1,402 @@
+"""Publish rows as a Hugging Face–style Parquet dataset folder.
+
+In:  rows (dicts or pydantic models), their `datasets.Features`, and a card description.
+Out: a folder that `datasets.load_dataset(str(folder))` loads offline:
+
+    folder/
+      data/{split}-00000-of-0000N.parquet   zstd, written with exactly `features.arrow_schema`
+      README.md                             dataset card: YAML `configs`, `dataset_info`, sizes
+      manifest.json                         row counts, sha256 per file, overall checksum
+
+The folder is built in a hidden sibling (`.{name}.tmp-<pid>`) and swapped in only once
+it is complete, so a crash never leaves half a dataset at `folder`. The same rows give
+byte-identical Parquet files and the same checksum.
+
+    from flows.publish import DatasetCardInfo, features_for, publish_dataset
+    publish_dataset(out / "composites", composites, features_for(Composite), card)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pydantic
+from datasets.info import DatasetInfosDict
+from datasets.splits import SplitDict, SplitInfo
+from datasets.utils.metadata import MetadataConfigs
+from huggingface_hub import DatasetCard, DatasetCardData
+
+FeatureType = datasets.Value | datasets.List | dict[str, Any]
+
+# One chat turn, the default struct for `list[dict[str, str]]` fields such as `messages`.
+MESSAGE_FEATURE: dict[str, datasets.Value] = {
+    "role": datasets.Value("string"),
+    "content": datasets.Value("string"),
+}
+
+# Row groups of at most ~100 MB uncompressed, as `datasets` and the Hub viewer expect.
+ROW_GROUP_BYTES = 100 * 1024 * 1024
+
+_SCALARS: dict[type, str] = {str: "string", bool: "bool", int: "int64", float: "float64"}
+_SIZE_CATEGORIES = [
+    (1_000, "n<1K"),
+    (10_000, "1K<n<10K"),
+    (100_000, "10K<n<100K"),
+    (1_000_000, "100K<n<1M"),
+    (10_000_000, "1M<n<10M"),
+    (100_000_000, "10M<n<100M"),
+    (1_000_000_000, "100M<n<1B"),
+    (10_000_000_000, "1B<n<10B"),
+]
+
+
+@dataclass(frozen=True)
+class DatasetCardInfo:
+    """What the README says about the dataset, besides what is computed from the data."""
+
+    title: str  # e.g. "demo — DualDistill composites"
+    description: str  # one paragraph: what a row is
+    sections: dict[str, str]  # section title -> markdown body, rendered in insertion order
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PublishedDataset:
+    path: Path
+    num_rows: int
+    files: list[Path]  # parquet files written
+    checksum: str  # sha256 over the data files' sha256s (see manifest.json)
+
+
+@dataclass(frozen=True)
+class _WrittenFile:
+    relpath: str  # "data/train-00000-of-00001.parquet"
+    rows: int
+    arrow_bytes: int  # uncompressed size, what `datasets` reports as num_bytes
+    file_bytes: int
+    sha256: str
+
+
+# --- features from pydantic models -------------------------------------------------
+
+
+def features_for(
+    model: type[pydantic.BaseModel], overrides: Mapping[str, FeatureType] | None = None
+) -> datasets.Features:
+    """Features for `model`'s fields, in declaration order; `overrides` replace by name."""
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(model.model_fields))
+    if unknown:
+        raise ValueError(f"overrides name fields that {model.__name__} does not have: {unknown}")
+    features = {}
+    for name, info in model.model_fields.items():
+        if name in overrides:
+            features[name] = overrides[name]
+            continue
+        try:
+            features[name] = _feature_for_annotation(info.annotation)
+        except TypeError as err:
+            raise TypeError(
+                f"{model.__name__}.{name}: {err}; pass overrides={{{name!r}: ...}}"
+            ) from None
+    return datasets.Features(features)
+
+
+def _feature_for_annotation(annotation: Any) -> FeatureType:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation in _SCALARS:
+        return datasets.Value(_SCALARS[annotation])
+    if origin in (typing.Union, types.UnionType):
+        present = [arg for arg in args if arg is not type(None)]
+        if len(present) == 1:  # `X | None`: every arrow column is nullable anyway
+            return _feature_for_annotation(present[0])
+    if origin is Literal:
+        kinds = {type(arg) for arg in args}
+        if len(kinds) == 1 and next(iter(kinds)) in _SCALARS:
+            return datasets.Value(_SCALARS[next(iter(kinds))])
+    if origin is list and len(args) == 1:
+        if args[0] == dict[str, str]:
+            return datasets.List(dict(MESSAGE_FEATURE))
+        return datasets.List(_feature_for_annotation(args[0]))
+    if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
+        return dict(features_for(annotation))
+    raise TypeError(f"unsupported annotation {annotation!r}")
+
+
+# --- publishing --------------------------------------------------------------------
+
+
+def publish_dataset(
+    folder: Path,
+    rows: Sequence[dict] | Sequence[pydantic.BaseModel],
+    features: datasets.Features,
+    card: DatasetCardInfo,
+    *,
+    rows_per_file: int = 50_000,
+    split: str = "train",
+) -> PublishedDataset:
+    """Write `rows` as a dataset at `folder`, replacing what was there only on success."""
+    if rows_per_file < 1:
+        raise ValueError(f"rows_per_file must be at least 1, got {rows_per_file}")
+    if not re.fullmatch(r"\w+(\.\w+)*", split):
+        raise ValueError(f"split {split!r}: use letters, digits, '_' and '.' only")
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        written = _write_data_files(staging, rows, features, rows_per_file, split)
+        _write_card(staging / "README.md", card, features, written, split)
+        checksum = _write_manifest(staging / "manifest.json", features, written, split)
+        _swap_into_place(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return PublishedDataset(
+        path=folder,
+        num_rows=len(rows),
+        files=[folder / w.relpath for w in written],
+        checksum=checksum,
+    )
+
+
+def _write_data_files(
+    staging: Path,
+    rows: Sequence[dict] | Sequence[pydantic.BaseModel],
+    features: datasets.Features,
+    rows_per_file: int,
+    split: str,
+) -> list[_WrittenFile]:
+    (staging / "data").mkdir(parents=True)
+    nested = [(key, feature) for key, feature in features.items() if _has_struct(feature)]
+    # Zero rows still give one (empty) file, so the schema is on disk.
+    starts = range(0, max(len(rows), 1), rows_per_file)
+    written = []
+    for index, start in enumerate(starts):
+        chunk = rows[start : start + rows_per_file]
+        checked = [
+            _checked_row(row, features, nested, start + offset) for offset, row in enumerate(chunk)
+        ]
+        table = _to_table(checked, features.arrow_schema, start)
+        relpath = f"data/{split}-{index:05d}-of-{len(starts):05d}.parquet"
+        _write_parquet(table, staging / relpath)
+        written.append(_describe_file(staging, relpath, table))
+    return written
+
+
+def _checked_row(
+    row: dict | pydantic.BaseModel,
+    features: datasets.Features,
+    nested: list[tuple[str, FeatureType]],
+    index: int,
+) -> Mapping[str, Any]:
+    values = row.model_dump() if isinstance(row, pydantic.BaseModel) else row
+    if not isinstance(values, Mapping):
+        kind = type(row).__name__
+        raise TypeError(f"row {index}: expected a dict or a pydantic model, got {kind}")
+    _check_keys(values, features, index, ())
+    for key, feature in nested:
+        _check_nested_keys(values[key], feature, index, (key,))
+    return values
+
+
+def _check_keys(values: Mapping, struct: Mapping[str, Any], index: int, path: tuple) -> None:
+    # pyarrow silently drops unknown keys and fills missing ones with null: refuse both.
+    if values.keys() == struct.keys():
+        return
+    for key in values:
+        if key not in struct:
+            name = _path_name(path + (key,))
+            raise ValueError(f"row {index}: key {name!r} is not in the features {list(struct)}")
+    for key in struct:
+        if key not in values:
+            raise ValueError(f"row {index}: missing key {_path_name(path + (key,))!r}")
+
+
+def _check_nested_keys(value: Any, feature: FeatureType, index: int, path: tuple) -> None:
+    if value is None:
+        return
+    if isinstance(feature, dict):
+        if not isinstance(value, Mapping):
+            kind = type(value).__name__
+            raise ValueError(f"row {index}: {_path_name(path)!r} should be a dict, got {kind}")
+        _check_keys(value, feature, index, path)
+        for key, sub_feature in feature.items():
+            if _has_struct(sub_feature):
+                _check_nested_keys(value[key], sub_feature, index, path + (key,))
+    elif isinstance(feature, datasets.List):
+        for position, item in enumerate(value):
+            _check_nested_keys(item, feature.feature, index, path + (position,))
+
+
+def _path_name(path: tuple) -> str:
+    """("messages", 0, "role") -> "messages[0].role"."""
+    name = ""
+    for part in path:
+        name += f"[{part}]" if isinstance(part, int) else f".{part}" if name else part
+    return name
+
+
+def _has_struct(feature: FeatureType) -> bool:
+    if isinstance(feature, dict):
+        return True
+    return isinstance(feature, datasets.List) and _has_struct(feature.feature)
+
+
+def _to_table(chunk: list[dict], schema: pa.Schema, first_index: int) -> pa.Table:
+    try:
+        return pa.Table.from_pylist(chunk, schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        raise ValueError(f"{_locate_bad_value(chunk, schema, first_index)}: {err}") from err
+
+
+def _locate_bad_value(chunk: list[dict], schema: pa.Schema, first_index: int) -> str:
+    """Only on the error path: convert value by value to name the culprit."""
+    for offset, row in enumerate(chunk):
+        for column in schema:
+            try:
+                pa.array([row[column.name]], type=column.type)
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                return f"row {first_index + offset}: key {column.name!r}"
+    return f"rows {first_index}..{first_index + len(chunk) - 1}"
+
+
+def _write_parquet(table: pa.Table, path: Path) -> None:
+    # An empty table gets no row group at all: `datasets` cannot read a 0-row group.
+    # pyarrow stores no timestamps, so equal tables give byte-equal files.
+    with pq.ParquetWriter(path, table.schema, compression="zstd") as writer:
+        if table.num_rows:
+            writer.write_table(table, row_group_size=_row_group_rows(table))
+
+
+def _row_group_rows(table: pa.Table) -> int:
+    if table.nbytes == 0:
+        return table.num_rows
+    return max(1, table.num_rows * ROW_GROUP_BYTES // table.nbytes)
+
+
+def _describe_file(root: Path, relpath: str, table: pa.Table) -> _WrittenFile:
+    path = root / relpath
+    return _WrittenFile(
+        relpath=relpath,
+        rows=table.num_rows,
+        arrow_bytes=table.nbytes,
+        file_bytes=path.stat().st_size,
+        sha256=_sha256_file(path),
+    )
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _swap_into_place(staging: Path, folder: Path) -> None:
+    # Directories cannot be replaced in one rename: move the old one aside first and
+    # delete it only once the new one is in place.
+    if not folder.exists():
+        staging.rename(folder)
+        return
+    retired = folder.parent / f".{folder.name}.old-{os.getpid()}"
+    shutil.rmtree(retired, ignore_errors=True)
+    folder.rename(retired)
+    try:
+        staging.rename(folder)
+    except BaseException:
+        retired.rename(folder)
+        raise
+    shutil.rmtree(retired)
+
+
+# --- README.md and manifest.json ---------------------------------------------------
+
+
+def _write_card(
+    path: Path,
+    card: DatasetCardInfo,
+    features: datasets.Features,
+    written: list[_WrittenFile],
+    split: str,
+) -> None:
+    num_rows = sum(w.rows for w in written)
+    data = DatasetCardData(
+        pretty_name=card.title,
+        size_categories=[_size_category(num_rows)],
+        tags=list(card.tags) or None,
+    )
+    configs = {"default": {"data_files": [{"split": split, "path": f"data/{split}-*"}]}}
+    MetadataConfigs(configs).to_dataset_card_data(data)
+    info = _dataset_info(features, written, split)
+    DatasetInfosDict({"default": info}).to_dataset_card_data(data)
+    body = "\n\n".join(
+        [f"# {card.title}", card.description.strip()]
+        + [f"## {title}\n\n{text.strip()}" for title, text in card.sections.items()]
+    )
+    DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n").save(path)
+
+
+def _dataset_info(
+    features: datasets.Features, written: list[_WrittenFile], split: str
+) -> datasets.DatasetInfo:
+    arrow_bytes = sum(w.arrow_bytes for w in written)
+    num_rows = sum(w.rows for w in written)
+    splits = SplitDict()
+    splits.add(SplitInfo(name=split, num_bytes=arrow_bytes, num_examples=num_rows))
+    return datasets.DatasetInfo(
+        features=features,
+        splits=splits,
+        download_size=sum(w.file_bytes for w in written),
+        dataset_size=arrow_bytes,
+    )
+
+
+def _size_category(num_rows: int) -> str:
+    for bound, label in _SIZE_CATEGORIES:
+        if num_rows < bound:
+            return label
+    return "10B<n<100B"
+
+
+def _write_manifest(
+    path: Path, features: datasets.Features, written: list[_WrittenFile], split: str
+) -> str:
+    checksum = hashlib.sha256("".join(w.sha256 for w in written).encode()).hexdigest()
+    manifest = {
+        "num_rows": sum(w.rows for w in written),
+        "split": split,
+        "files": [
+            {"path": w.relpath, "rows": w.rows, "sha256": w.sha256, "bytes": w.file_bytes}
+            for w in written
+        ],
+        "checksum": checksum,
+        "features": features.to_dict(),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return checksum
+
+
+# --- reading back ------------------------------------------------------------------
+
+
+def read_dataset_rows(folder: Path) -> list[dict]:
+    """All rows of a published dataset, files in name order (for tests and reports)."""
+    paths = sorted((Path(folder) / "data").glob("*.parquet"))
+    return [row for path in paths for row in pq.read_table(path).to_pylist()]

@@ -1,0 +1,45 @@
+"""The reasoning teacher: one request per problem, answer as `<think>…</think><answer>…</answer>`.
+
+A server that returns the chain of thought separately (`reasoning_content`, as
+DeepSeek's API and vLLM's reasoning parsers do) is normalised into the same tags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flows.client import ChatResponse, ModelClient
+from flows.prompts import PromptFile
+from schemas.records import Problem, Trajectory
+
+
+@dataclass
+class ReasoningTeacher:
+    client: ModelClient
+    prompt: PromptFile
+    params: dict  # sampling parameters sent with every request
+    role: str = "reasoning"
+
+    async def solve(self, problem: Problem, shard: str, sample: int = 0) -> Trajectory:
+        messages = self.prompt.chat(problem=problem.problem)
+        response = await self.client.chat(messages, self.params, sample=sample, shard=shard)
+        return Trajectory(
+            problem_id=problem.id,
+            teacher="reasoning",
+            model=self.client.model,
+            text=normalise_reasoning(response),
+            finish_reason=response.finish_reason,
+            prompt_tokens=response.prompt_tokens,
+            completion_tokens=response.completion_tokens,
+            requests=1,
+            replayed_requests=int(response.replayed),
+            latency_s=0.0 if response.replayed else response.latency_s,
+        )
+
+
+def normalise_reasoning(response: ChatResponse) -> str:
+    content = response.content.strip()
+    reasoning = (response.reasoning_content or "").strip()
+    if reasoning and "<think>" not in content:
+        return f"<think>\n{reasoning}\n</think>\n{content}"
+    return content

@@ -1,0 +1,107 @@
+"""The run summary: case counts, accuracy per teacher, tokens, requests, time.
+
+The same numbers feed the Prefect markdown artifact, the dataset cards, the
+`summary.json` next to the datasets and the table the CLI prints.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+from schemas.records import Composite, GradedTrajectory, Rejected
+
+CASES = ("both_correct", "first_correct", "second_corrects", "both_wrong")
+
+
+@dataclass
+class TeacherSummary:
+    model: str
+    answers: int = 0
+    correct: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    requests: int = 0
+    replayed_requests: int = 0
+    tool_calls: int = 0
+    tool_errors: int = 0
+    truncated: int = 0  # answers cut off by max_tokens
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.answers if self.answers else 0.0
+
+
+@dataclass
+class RunSummary:
+    run_name: str
+    problems: int
+    composites: int
+    rejected: int
+    cases: dict[str, int]
+    teachers: dict[str, TeacherSummary]
+    wall_s: float = 0.0
+    sandbox: str = ""
+    grader: str = ""
+    datasets: dict[str, str] = field(default_factory=dict)  # name -> folder
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        for role, teacher in self.teachers.items():
+            data["teachers"][role]["accuracy"] = round(teacher.accuracy, 4)
+        return data
+
+
+def summarise(
+    run_name: str,
+    problems: int,
+    graded: Sequence[GradedTrajectory],
+    composites: Sequence[Composite],
+    rejected: Sequence[Rejected],
+) -> RunSummary:
+    cases = Counter({case: 0 for case in CASES})
+    cases.update(c.case for c in composites)
+    cases.update(r.case for r in rejected)
+    teachers: dict[str, TeacherSummary] = {}
+    for t in graded:
+        s = teachers.setdefault(t.teacher, TeacherSummary(model=t.model))
+        s.answers += 1
+        s.correct += int(t.correct)
+        s.prompt_tokens += t.prompt_tokens
+        s.completion_tokens += t.completion_tokens
+        s.requests += t.requests
+        s.replayed_requests += t.replayed_requests
+        s.tool_calls += t.tool_calls
+        s.tool_errors += t.tool_errors
+        s.truncated += int(t.finish_reason == "length")
+    return RunSummary(run_name, problems, len(composites), len(rejected), dict(cases), teachers)
+
+
+def cases_markdown(summary: RunSummary) -> str:
+    rows = "\n".join(f"| `{case}` | {summary.cases.get(case, 0)} |" for case in CASES)
+    return f"| case | pairs |\n|---|---|\n{rows}"
+
+
+def teachers_markdown(summary: RunSummary) -> str:
+    head = ("| teacher | model | answers | correct | accuracy | prompt tokens | completion tokens "
+            "| requests (replayed) | code runs (errors) | cut by max_tokens |\n|---|---|---|---|---|---|---|---|---|---|")
+    rows = [
+        f"| {role} | `{t.model}` | {t.answers} | {t.correct} | {t.accuracy:.1%} | {t.prompt_tokens} "
+        f"| {t.completion_tokens} | {t.requests} ({t.replayed_requests}) | {t.tool_calls} ({t.tool_errors}) "
+        f"| {t.truncated} |"
+        for role, t in summary.teachers.items()
+    ]
+    return "\n".join([head, *rows])
+
+
+def summary_markdown(summary: RunSummary) -> str:
+    datasets = "\n".join(f"- `{name}`: `{path}`" for name, path in summary.datasets.items())
+    return (
+        f"# DualDistill run `{summary.run_name}`\n\n"
+        f"{summary.problems} problems → {summary.composites} composites, {summary.rejected} rejected pairs "
+        f"in {summary.wall_s:.1f} s (sandbox: {summary.sandbox}; grader: {summary.grader}).\n\n"
+        f"## Stitching cases\n\n{cases_markdown(summary)}\n\n"
+        f"## Teachers\n\n{teachers_markdown(summary)}\n\n"
+        + (f"## Datasets\n\n{datasets}\n" if datasets else "")
+    )

@@ -1,0 +1,79 @@
+"""Shard-level stage logic, plain functions testable without Prefect.
+
+A shard is a list of problems; inside it every problem's requests run
+concurrently (each endpoint's client bounds how many are in flight). A problem
+whose request still fails after its retries fails the shard, but only after the
+shard's other problems have finished, so their answers are already journaled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Sequence
+
+from flows.grading import Grader
+from flows.reasoning_teacher import ReasoningTeacher
+from flows.tool_teacher import ToolTeacher
+from schemas.records import GradedTrajectory, Problem, Trajectory
+
+
+class ShardFailed(RuntimeError):
+    """Some problems of a shard could not be answered; the message says which and why."""
+
+    def __init__(self, stage: str, shard: str, errors: list[tuple[str, BaseException]], total: int) -> None:
+        first_id, first_error = errors[0]
+        super().__init__(
+            f"stage {stage}, {shard}: {len(errors)} of {total} problem(s) failed; "
+            f"first: problem {first_id}: {first_error}"
+        )
+        self.stage = stage
+        self.shard = shard
+        self.errors = errors
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def split_shards(problems: Sequence[Problem], shard_size: int) -> list[list[Problem]]:
+    return [list(problems[i : i + shard_size]) for i in range(0, len(problems), shard_size)]
+
+
+def content_key(*parts: object) -> str:
+    """Content address of a stage's inputs (pydantic models are dumped to JSON)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        if hasattr(part, "model_dump_json"):
+            digest.update(part.model_dump_json().encode())
+        elif isinstance(part, (list, tuple)):
+            digest.update(content_key(*part).encode())
+        else:
+            digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+        digest.update(b"\x00")
+    return digest.hexdigest()[:32]
+
+
+async def answer_shard(
+    teacher: ToolTeacher | ReasoningTeacher, problems: Sequence[Problem], shard: str
+) -> list[Trajectory]:
+    """One trajectory per problem, in problem order."""
+    results = await asyncio.gather(
+        *(teacher.solve(problem, shard=f"{teacher.role}-{shard}") for problem in problems), return_exceptions=True
+    )
+    errors = [(p.id, r) for p, r in zip(problems, results) if isinstance(r, BaseException)]
+    if errors:
+        raise ShardFailed(f"answer[{teacher.role}]", shard, errors, len(problems))
+    return list(results)  # type: ignore[arg-type]
+
+
+def grade_shard(
+    trajectories: Sequence[Trajectory], problems: Sequence[Problem], grader: Grader
+) -> list[GradedTrajectory]:
+    gold = {p.id: p.answer for p in problems}
+    verdicts = grader.grade_many([(t.text, gold[t.problem_id]) for t in trajectories])
+    return [
+        GradedTrajectory(**t.model_dump(), correct=v.correct, extracted=v.extracted, grade_reason=v.reason)
+        for t, v in zip(trajectories, verdicts)
+    ]

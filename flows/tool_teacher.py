@@ -1,0 +1,204 @@
+"""The tool-using teacher: the model writes Python, the sandbox runs it, the output goes back.
+
+Tag protocol (any chat server): the model writes `<code>…</code>` (a ```python
+fence is accepted too); generation stops at `</code>`, the code runs in the
+sandbox, and the output returns as the next user turn wrapped in
+`<executor>…</executor>`. This repeats until the model answers without code or
+has used `max_tool_calls`; then it is told to stop using code and answer.
+
+Function-calling protocol: the model calls a `python` tool; each call and its
+output are written into the trajectory as the same `<code>`/`<executor>` tags.
+
+Code executions are journaled like model requests, so a rerun replays the exact
+executor output the model saw and the conversation keys stay identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from flows.client import ChatResponse, ModelClient, ToolCall
+from flows.journal import RequestJournal, request_key
+from flows.prompts import PromptFile
+from flows.sandbox import Sandbox
+from schemas.records import Problem, Trajectory
+
+_CODE_TAG = re.compile(r"<code>\s*\n?(.*?)(?:</code>|\Z)", re.DOTALL)
+_FENCE = re.compile(r"```(?:python|py)[ \t]*\n(.*?)```", re.DOTALL)
+
+PYTHON_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "python",
+        "description": "Run a Python program and return what it prints (stdout and stderr).",
+        "parameters": {
+            "type": "object",
+            "properties": {"code": {"type": "string", "description": "The Python program to run."}},
+            "required": ["code"],
+        },
+    },
+}
+
+
+@dataclass(frozen=True)
+class CodeBlock:
+    prefix: str  # text the model wrote before the code
+    code: str
+
+    def as_tags(self) -> str:
+        lead = self.prefix.rstrip()
+        return (lead + "\n" if lead else "") + f"<code>\n{self.code}\n</code>"
+
+
+def find_code(text: str) -> CodeBlock | None:
+    """The first code block of a model turn, unless the turn already gave its answer.
+
+    Anything after the block (a made-up `<executor>` or a guessed answer) is dropped:
+    the model must see the real output before going on.
+    """
+    answer_at = text.find("<answer>")
+    candidates = [m for m in (_CODE_TAG.search(text), _FENCE.search(text)) if m and m.group(1).strip()]
+    if not candidates:
+        return None
+    match = min(candidates, key=lambda m: m.start())
+    if 0 <= answer_at < match.start():
+        return None
+    return CodeBlock(prefix=text[: match.start()], code=match.group(1).strip("\n"))
+
+
+@dataclass
+class _Progress:
+    parts: list[str] = dataclasses.field(default_factory=list)
+    requests: int = 0
+    replayed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    tool_calls: int = 0
+    tool_errors: int = 0
+
+    def count(self, response: ChatResponse) -> None:
+        self.requests += 1
+        self.replayed += int(response.replayed)
+        self.prompt_tokens += response.prompt_tokens
+        self.completion_tokens += response.completion_tokens
+        self.latency_s += 0.0 if response.replayed else response.latency_s
+
+
+@dataclass
+class ToolTeacher:
+    client: ModelClient
+    prompt: PromptFile
+    params: dict[str, Any]
+    sandbox: Sandbox
+    journal: RequestJournal
+    protocol: Literal["tags", "function_calling"] = "tags"
+    max_tool_calls: int = 10
+    role: str = "tool"
+
+    async def solve(self, problem: Problem, shard: str, sample: int = 0) -> Trajectory:
+        messages = self.prompt.chat(problem=problem.problem)
+        progress = _Progress()
+        if self.protocol == "tags":
+            finish = await self._solve_with_tags(messages, progress, shard, sample)
+        else:
+            finish = await self._solve_with_functions(messages, progress, shard, sample)
+        return Trajectory(
+            problem_id=problem.id,
+            teacher="tool",
+            model=self.client.model,
+            text="\n".join(part for part in progress.parts if part),
+            finish_reason=finish,
+            prompt_tokens=progress.prompt_tokens,
+            completion_tokens=progress.completion_tokens,
+            requests=progress.requests,
+            replayed_requests=progress.replayed,
+            tool_calls=progress.tool_calls,
+            tool_errors=progress.tool_errors,
+            latency_s=round(progress.latency_s, 4),
+        )
+
+    async def _solve_with_tags(self, messages: list[dict], progress: _Progress, shard: str, sample: int) -> str:
+        params = {**self.params, "stop": ["</code>"]}
+        while True:
+            response = await self.client.chat(messages, params, sample=sample, shard=shard)
+            progress.count(response)
+            block = find_code(response.content)
+            if block is None or response.finish_reason == "length":
+                progress.parts.append(response.content.strip())
+                return response.finish_reason
+            if progress.tool_calls >= self.max_tool_calls:
+                progress.parts.append(block.prefix.strip())
+                return "tool_limit"
+            output = await self._execute(block.code, progress, shard)
+            executor_turn = self.prompt.render("executor", output=output).strip()
+            progress.parts += [block.as_tags(), executor_block(output)]
+            messages = [*messages, {"role": "assistant", "content": block.as_tags()},
+                        {"role": "user", "content": self._with_limit_notice(executor_turn, progress)}]
+
+    async def _solve_with_functions(self, messages: list[dict], progress: _Progress, shard: str, sample: int) -> str:
+        while True:
+            at_limit = progress.tool_calls >= self.max_tool_calls
+            response = await self.client.chat(
+                messages, self.params, sample=sample, shard=shard, tools=None if at_limit else [PYTHON_TOOL]
+            )
+            progress.count(response)
+            progress.parts.append(response.content.strip())
+            if not response.tool_calls or at_limit or response.finish_reason == "length":
+                return response.finish_reason
+            messages = [*messages, _assistant_tool_turn(response)]
+            for call in response.tool_calls:
+                code = _code_argument(call)
+                output = await self._execute(code, progress, shard) if code is not None else (
+                    f"Error: the python tool needs a JSON object with a `code` string, got {call.arguments[:200]!r}"
+                )
+                progress.parts += [f"<code>\n{code or ''}\n</code>", executor_block(output)]
+                messages.append({"role": "tool", "tool_call_id": call.id, "content": output})
+            if progress.tool_calls >= self.max_tool_calls:
+                notice = self.prompt.render("tool_limit", max_tool_calls=self.max_tool_calls)
+                messages.append({"role": "user", "content": notice})
+
+    def _with_limit_notice(self, executor_turn: str, progress: _Progress) -> str:
+        if progress.tool_calls < self.max_tool_calls:
+            return executor_turn
+        return executor_turn + "\n" + self.prompt.render("tool_limit", max_tool_calls=self.max_tool_calls)
+
+    async def _execute(self, code: str, progress: _Progress, shard: str) -> str:
+        key = request_key("exec", {"code": code, "limits": dataclasses.asdict(self.sandbox.limits)})
+        cached = self.journal.get(key)
+        if cached is None:
+            result = await self.sandbox.run(code)
+            cached = {"output": result.output, "failed": result.failed}
+            self.journal.record(shard, key, cached)
+        progress.tool_calls += 1
+        progress.tool_errors += int(cached["failed"])
+        return cached["output"].rstrip("\n")
+
+
+def executor_block(output: str) -> str:
+    """How an execution's output appears in the trajectory text."""
+    return f"<executor>\n{output}\n</executor>"
+
+
+def _assistant_tool_turn(response: ChatResponse) -> dict[str, Any]:
+    return {
+        "role": "assistant",
+        "content": response.content or None,
+        "tool_calls": [
+            {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+            for call in response.tool_calls
+        ],
+    }
+
+
+def _code_argument(call: ToolCall) -> str | None:
+    try:
+        arguments = json.loads(call.arguments or "{}")
+    except json.JSONDecodeError:
+        return None
+    code = arguments.get("code") if isinstance(arguments, dict) else None
+    return code if isinstance(code, str) and code.strip() else None

@@ -1,0 +1,140 @@
+"""The DualDistill flow end to end against a loopback fake OpenAI server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import datasets
+import pytest
+import yaml
+from fake_openai import FakeOpenAIServer, Reply
+from flow_helpers import ScriptedTeachers, write_problems, write_recipe
+
+from flows.dualdistill import RunFailed, dualdistill
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def run(recipe_path):
+    return asyncio.run(dualdistill(str(recipe_path)))
+
+
+def load(folder):
+    return datasets.load_dataset(str(folder), split="train")
+
+
+def sent_keys(server) -> list[str]:
+    return [json.dumps([r["model"], r["messages"], r.get("seed")], sort_keys=True) for r in server.requests]
+
+
+def test_all_four_cases_exact_counts_and_text(tmp_path):
+    rows = write_problems(tmp_path / "problems.jsonl", per_kind=2)
+    with FakeOpenAIServer(ScriptedTeachers(rows)) as server:
+        recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "problems.jsonl", server.base_url, tmp_path / "out")
+        summary = run(recipe)
+
+    assert summary["cases"] == {"both_correct": 2, "first_correct": 2, "second_corrects": 2, "both_wrong": 2}
+    assert summary["teachers"]["tool"]["correct"] == 4 and summary["teachers"]["reasoning"]["correct"] == 4
+    assert summary["teachers"]["tool"]["tool_calls"] == 8
+    assert len(server.requests) == 8 * 2 + 8  # tool: code turn + answer turn; reasoning: one
+
+    composites = load(tmp_path / "out" / "composites")
+    assert composites.features["messages"].feature["role"].dtype == "string"
+    by_id = {r["id"]: r for r in composites}
+    assert sorted(by_id) == sorted(r["id"] for r in rows if not r["id"].startswith("both_wrong"))
+
+    both = by_id["both_correct-0"]
+    assert both["case"] == "both_correct" and both["first_teacher"] == "tool" and both["mask_until"] == 0
+    assert both["text"] == (
+        "Compute it.\n<code>\nprint(100 + 7)\n</code>\n<executor>\n107\n</executor>\n"
+        "The code printed 107.\n\\boxed{107}\n\n"
+        "Wait, we can also use text-reasoning as an alternative way to verify the solution.\n\n"
+        "<think>\n100 plus 7 is 107.\n</think>\n<answer>\\boxed{107}</answer>"
+    )
+    assert both["messages"] == [{"role": "user", "content": rows[0]["problem"]},
+                                {"role": "assistant", "content": both["text"]}]
+    first_only = by_id["tool_only-1"]
+    assert first_only["case"] == "first_correct" and (first_only["g1"], first_only["g2"]) == (True, False)
+    assert first_only["text"].endswith("<answer>\\boxed{115}</answer>") and "<think>" not in first_only["text"]
+    corrected = by_id["reasoning_only-0"]
+    assert corrected["case"] == "second_corrects"
+    assert corrected["text"][corrected["mask_until"]:].startswith("Wait, the code is not correct, let's try text reasoning.")
+    assert "print(100 - 7)" in corrected["text"][: corrected["mask_until"]]
+
+    rejected = load(tmp_path / "out" / "rejected")
+    assert sorted(rejected["id"]) == ["both_wrong-0", "both_wrong-1"]
+    assert all(r.startswith("both_wrong: tool: not_equivalent") for r in rejected["reason"])
+    trajectories = load(tmp_path / "out" / "trajectories")
+    assert len(trajectories) == 16 and set(trajectories["teacher"]) == {"tool", "reasoning"}
+
+    card = (tmp_path / "out" / "composites" / "README.md").read_text()
+    assert "both_correct" in card and "fake-reasoner" in card and "math-verify" in card
+    header = yaml.safe_load(card.split("---")[1])
+    assert header["configs"][0]["data_files"]
+    saved = json.loads((tmp_path / "out" / ".distillery" / "summary.json").read_text())
+    assert saved["composites"] == 6 and saved["rejected"] == 2
+
+
+def test_order_both_doubles_composites_and_keeps_one_rejection(tmp_path):
+    rows = write_problems(tmp_path / "problems.jsonl", per_kind=1)
+    with FakeOpenAIServer(ScriptedTeachers(rows)) as server:
+        recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "problems.jsonl", server.base_url, tmp_path / "out",
+                              stitching={"order": "both"})
+        summary = run(recipe)
+    assert summary["cases"] == {"both_correct": 2, "first_correct": 2, "second_corrects": 2, "both_wrong": 1}
+    composites = load(tmp_path / "out" / "composites")
+    pairs = sorted(zip(composites["id"], composites["first_teacher"], composites["case"]))
+    assert pairs == [
+        ("both_correct-0", "reasoning", "both_correct"), ("both_correct-0", "tool", "both_correct"),
+        ("reasoning_only-0", "reasoning", "first_correct"), ("reasoning_only-0", "tool", "second_corrects"),
+        ("tool_only-0", "reasoning", "second_corrects"), ("tool_only-0", "tool", "first_correct"),
+    ]
+    reasoning_first = next(r for r in composites if r["id"] == "tool_only-0" and r["first_teacher"] == "reasoning")
+    assert "Wait, use text reasoning is too tedious, let's try code reasoning." in reasoning_first["text"]
+
+
+def test_resume_after_the_server_dies_resends_nothing_answered(tmp_path):
+    rows = write_problems(tmp_path / "problems.jsonl", per_kind=3)
+    script = ScriptedTeachers(rows)
+    answered = []
+
+    def dies_after_ten(body):
+        if len(answered) >= 10:
+            return Reply(status=500)
+        answered.append(json.dumps([body["model"], body["messages"], body.get("seed")], sort_keys=True))
+        return script(body)
+
+    recipe_args = (tmp_path / "problems.jsonl", None, tmp_path / "out")
+    with FakeOpenAIServer(dies_after_ten) as broken:
+        recipe = write_recipe(tmp_path / "r.yaml", recipe_args[0], broken.base_url, recipe_args[2])
+        with pytest.raises(RunFailed) as failure:
+            run(recipe)
+    message = str(failure.value)
+    assert "stage answer[" in message and broken.base_url in message and "HTTP 500" in message
+    assert not (tmp_path / "out" / "composites").exists()
+
+    with FakeOpenAIServer(script) as healthy:  # a new port: the journal is keyed without the URL
+        recipe = write_recipe(tmp_path / "r.yaml", recipe_args[0], healthy.base_url, recipe_args[2])
+        summary = run(recipe)
+    resent = set(sent_keys(healthy)) & set(answered)
+    assert resent == set()
+    assert len(healthy.requests) + len(answered) == 12 * 2 + 12
+    assert summary["cases"] == {"both_correct": 3, "first_correct": 3, "second_corrects": 3, "both_wrong": 3}
+    composites = load(tmp_path / "out" / "composites")
+    assert len(composites) == 9 and len(set(composites["id"])) == 9
+
+    # A third run of the same recipe is served from the cache and the journal: no request at all.
+    with FakeOpenAIServer(lambda body: Reply(status=500)) as dead:
+        recipe = write_recipe(tmp_path / "r.yaml", recipe_args[0], dead.base_url, recipe_args[2])
+        again = run(recipe)
+    assert dead.requests == [] and again["cases"] == summary["cases"]
+
+
+def test_bad_problem_file_fails_before_any_request(tmp_path):
+    (tmp_path / "problems.jsonl").write_text('{"id": "a", "problem": "1+1?"}\n')
+    with FakeOpenAIServer(lambda body: Reply(content="x")) as server:
+        recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "problems.jsonl", server.base_url, tmp_path / "out")
+        with pytest.raises(Exception, match=r"problems.jsonl row 0: missing column 'answer'"):
+            run(recipe)
+    assert server.requests == []

@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flows.problems import ProblemSourceError, arithmetic_problems, load_problems, stable_id
+from schemas.recipe import ColumnMap, ProblemsSpec
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_jsonl_with_column_mapping_and_derived_ids(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"question": "1+1?", "final": 2}, {"question": "2+2?", "final": "4"}])
+    problems = load_problems(ProblemsSpec(source=str(path), columns=ColumnMap(problem="question", answer="final")))
+    assert [(p.problem, p.answer) for p in problems] == [("1+1?", "2"), ("2+2?", "4")]
+    assert problems[0].id == stable_id("1+1?") and problems[1].source_row == 1
+
+
+def test_parquet_with_id_column_limit_and_shuffle(tmp_path):
+    path = tmp_path / "p.parquet"
+    rows = [{"id": f"q{i}", "problem": f"{i}+1?", "answer": str(i + 1)} for i in range(10)]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    spec = ProblemsSpec(source=str(path), limit=3, columns=ColumnMap(id="id"))
+    assert [p.id for p in load_problems(spec)] == ["q0", "q1", "q2"]
+    shuffled = load_problems(spec.model_copy(update={"shuffle": True, "seed": 1}))
+    assert len(shuffled) == 3 and [p.id for p in shuffled] != ["q0", "q1", "q2"]
+    assert shuffled == load_problems(spec.model_copy(update={"shuffle": True, "seed": 1}))
+
+
+def test_dataset_folder_saved_to_disk(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list([{"problem": "3*3?", "answer": "9"}]).save_to_disk(str(tmp_path / "ds"))
+    problems = load_problems(ProblemsSpec(source=str(tmp_path / "ds")))
+    assert [(p.problem, p.answer) for p in problems] == [("3*3?", "9")]
+
+
+def test_missing_column_names_file_row_and_column(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"problem": "a", "answer": "1"}, {"problem": "b", "solution": "2"}])
+    with pytest.raises(ProblemSourceError, match=r"p\.jsonl row 1: missing column 'answer' \(columns there: problem, solution\)"):
+        load_problems(ProblemsSpec(source=str(path)))
+
+
+def test_empty_answer_and_bad_json_name_the_row(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"problem": "a", "answer": "1"}, {"problem": "b", "answer": "  "}])
+    with pytest.raises(ProblemSourceError, match=r"row 1: empty answer in column 'answer'"):
+        load_problems(ProblemsSpec(source=str(path)))
+    path.write_text('{"problem": "a", "answer": "1"}\n{"problem": \n')
+    with pytest.raises(ProblemSourceError, match=r"row 1 \(line 2\): not valid JSON"):
+        load_problems(ProblemsSpec(source=str(path)))
+
+
+def test_duplicates_dropped_conflicting_ids_rejected(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"problem": "a", "answer": "1"}, {"problem": "a", "answer": "1"}])
+    assert len(load_problems(ProblemsSpec(source=str(path)))) == 1
+    path = write_jsonl(tmp_path / "q.jsonl", [{"problem": "a", "answer": "1"}, {"problem": "a", "answer": "2"}])
+    with pytest.raises(ProblemSourceError, match="already used by row 0"):
+        load_problems(ProblemsSpec(source=str(path)))
+
+
+def test_missing_file_and_unknown_format(tmp_path):
+    with pytest.raises(ProblemSourceError, match="not found"):
+        load_problems(ProblemsSpec(source=str(tmp_path / "nope.jsonl")))
+    (tmp_path / "p.csv").write_text("problem,answer\n")
+    with pytest.raises(ProblemSourceError, match="unsupported problem file"):
+        load_problems(ProblemsSpec(source=str(tmp_path / "p.csv")))
+
+
+def test_arithmetic_generator_is_seeded_distinct_and_correct():
+    problems = arithmetic_problems(200, seed=5)
+    assert problems == arithmetic_problems(200, seed=5)
+    assert len({p.id for p in problems}) == 200
+    assert problems != arithmetic_problems(200, seed=6)
+    assert all(p.answer.lstrip("-").isdigit() for p in problems)
+    first = next(p for p in problems if "gets" in p.problem)
+    numbers = [int(w) for w in first.problem.split() if w.isdigit()]
+    assert int(first.answer) == sum(numbers)
