@@ -34,6 +34,11 @@ class Reply:
 Responder = Callable[[dict[str, Any]], Reply]
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 512  # the default listen backlog of 5 resets connections under load
+    daemon_threads = True
+
+
 def completion_body(body: dict[str, Any], reply: Reply) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": reply.content}
     if reply.reasoning_content is not None:
@@ -55,13 +60,14 @@ def completion_body(body: dict[str, Any], reply: Reply) -> dict[str, Any]:
 
 
 class FakeOpenAIServer:
-    def __init__(self, responder: Responder, latency_s: float = 0.0) -> None:
+    def __init__(self, responder: Responder, latency_s: float = 0.0,
+                 stats: Callable[[], dict[str, Any]] | None = None) -> None:
         self.responder = responder
+        self.stats = stats  # served at GET /v1/_stats (for a server in another process)
         self.latency_s = latency_s
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), self._handler_class())
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
 
     @property
@@ -102,6 +108,9 @@ class FakeOpenAIServer:
                 self.wfile.write(data)
 
             def do_GET(self) -> None:  # noqa: N802
+                if self.path.endswith("/_stats") and fake.stats is not None:
+                    self._send(200, json.dumps(fake.stats()))
+                    return
                 self._send(200, json.dumps({"object": "list", "data": [{"id": "fake", "object": "model"}]}))
 
             def do_POST(self) -> None:  # noqa: N802

@@ -1,0 +1,150 @@
+"""Throughput of the DualDistill flow against a loopback fake server with fixed latency.
+
+    .venv/bin/python bench/bench_dualdistill.py [--problems 2000] [--latency 0.2] [--concurrency 32]
+                                                [--code-share 0.0]
+
+Both teachers point at one fake OpenAI server that answers every request after
+`--latency` seconds. The tool teacher answers directly (no code) unless
+`--code-share` > 0, in which case that share of its answers run code in the
+sandbox first (a second request per problem). Prints, per teacher endpoint:
+
+  rate ratio  = achieved request rate / (concurrency / latency), over the span
+                from that endpoint's first request to its last answer (target ≥ 0.90)
+and for the run:
+  outside share = (flow wall time − span of model calls) / flow wall time
+                (Prefect, grading, stitching, publishing; target ≤ 0.05)
+
+The fake server runs in its own process (as a real endpoint would), and the
+Prefect server is started before timing (as a deployed run would find it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from fake_openai import FakeOpenAIServer, Reply, executor_turns, problem_text, teacher_role  # noqa: E402
+from flow_helpers import write_recipe  # noqa: E402
+
+
+class TimedTeachers:
+    """Right answers for `a + b` problems; records each request's start/end per teacher."""
+
+    def __init__(self, rows: list[dict], code_share: float) -> None:
+        self.rows = {r["problem"]: r for r in rows}
+        self.code_every = round(1 / code_share) if code_share > 0 else 0
+        self.spans: dict[str, list[float]] = {"tool": [], "reasoning": []}  # request arrival times
+        self.lock = threading.Lock()
+
+    def __call__(self, body: dict) -> Reply:
+        role = teacher_role(body)
+        with self.lock:
+            self.spans[role].append(time.time())
+        text = problem_text(body, list(self.rows))
+        row = self.rows[text]
+        if role == "reasoning":
+            return Reply(content=f"<answer>\\boxed{{{row['answer']}}}</answer>", reasoning_content="adding up")
+        uses_code = self.code_every and row["index"] % self.code_every == 0
+        if uses_code and executor_turns(body, text) == 0:
+            return Reply(content=f"<code>\nprint({row['expr']})\n")
+        return Reply(content=f"So the sum is {row['answer']}.\n<answer>\\boxed{{{row['answer']}}}</answer>")
+
+
+def write_problems(path: Path, count: int) -> list[dict]:
+    rows = []
+    for i in range(count):
+        a, b = 1000 + i, 37 * i + 11
+        rows.append({"id": f"b{i}", "problem": f"Problem {i}: what is {a} + {b}?", "answer": str(a + b),
+                     "expr": f"{a} + {b}", "index": i})
+    path.write_text("".join(json.dumps({k: r[k] for k in ("id", "problem", "answer")}) + "\n" for r in rows))
+    return rows
+
+
+def serve(problems: Path, count: int, latency: float, code_share: float) -> None:
+    """The fake endpoint, in this separate process: prints its URL, serves until killed."""
+    rows = write_problems(problems, count)
+    script = TimedTeachers(rows, code_share)
+    with FakeOpenAIServer(script, latency_s=latency, stats=lambda: script.spans) as server:
+        print(server.base_url, flush=True)
+        threading.Event().wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--problems", type=int, default=2000)
+    parser.add_argument("--latency", type=float, default=0.2)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--shard-size", type=int, default=250)
+    parser.add_argument("--code-share", type=float, default=0.0)
+    parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve, args.problems, args.latency, args.code_share)
+        return
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.dualdistill import dualdistill
+
+    with tempfile.TemporaryDirectory() as tmp, prefect_test_harness(server_startup_timeout=120):
+        tmp_path = Path(tmp)
+        problems = tmp_path / "problems.jsonl"
+        server = subprocess.Popen(
+            [sys.executable, __file__, "--serve", str(problems), "--problems", str(args.problems),
+             "--latency", str(args.latency), "--code-share", str(args.code_share)],
+            stdout=subprocess.PIPE, text=True,
+        )
+        try:
+            base_url = server.stdout.readline().strip()
+            teacher = {"max_concurrency": args.concurrency, "max_retries": 2, "timeout_s": 30}
+            recipe = write_recipe(tmp_path / "r.yaml", problems, base_url, tmp_path / "out",
+                                  shard_size=args.shard_size, stitching={"order": "both"})
+            _set_teacher_options(recipe, teacher)
+            started = time.time()
+            summary = asyncio.run(dualdistill(str(recipe)))
+            ended = time.time()
+            with urllib.request.urlopen(base_url + "/_stats") as reply:
+                spans = json.load(reply)
+        finally:
+            server.kill()
+
+    wall = ended - started
+    first_request = min(min(s) for s in spans.values() if s)
+    last_answer = min(max(max(s) for s in spans.values() if s) + args.latency, ended)
+    model_span = last_answer - first_request
+    print(f"problems: {args.problems}  latency: {args.latency*1000:.0f} ms  concurrency per teacher: "
+          f"{args.concurrency}  code share: {args.code_share:.0%}  shard size: {args.shard_size}")
+    print(f"{'endpoint':<10} {'requests':>9} {'span s':>8} {'rate/s':>8} {'limit/s':>8} {'ratio':>6}")
+    for role, starts in spans.items():
+        span = max(starts) + args.latency - min(starts)
+        rate = len(starts) / span
+        limit = args.concurrency / args.latency
+        print(f"{role:<10} {len(starts):>9} {span:>8.2f} {rate:>8.1f} {limit:>8.1f} {rate / limit:>6.3f}")
+    outside = wall - model_span
+    print(f"flow wall {wall:.2f} s, model-call span {model_span:.2f} s, outside {outside:.2f} s "
+          f"= {outside / wall:.3f} of wall")
+    print(f"cases: {summary['cases']}")
+
+
+def _set_teacher_options(recipe: Path, options: dict) -> None:
+    import yaml
+
+    data = yaml.safe_load(recipe.read_text())
+    for role in ("tool", "reasoning"):
+        data["teachers"][role].update(options)
+    recipe.write_text(yaml.safe_dump(data))
+
+
+if __name__ == "__main__":
+    main()
