@@ -3,6 +3,7 @@
     distillery run RECIPE.yaml      run the DualDistill flow; rerun the same recipe to resume
     distillery grade FILE.jsonl     re-grade lines with `answer` and `response` (JSONL out)
     distillery check RECIPE.yaml    validate a recipe and count its problems, calling no model
+    distillery serve RECIPE.yaml    serve the flow as a deployment of the configured Prefect server
 """
 
 from __future__ import annotations
@@ -44,20 +45,18 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML, e.g. recipes/demo.
 
 
 def _print_summary(summary: dict) -> None:
-    out = Console()
-    cases = Table(title=f"run {summary['run_name']}: {summary['problems']} problems, {summary['wall_s']:.1f} s")
-    cases.add_column("case")
-    cases.add_column("pairs", justify="right")
+    out = Console(width=max(120, Console().width))
+    out.print(f"\n[bold]run {summary['run_name']}[/]: {summary['problems']} problems → {summary['composites']} "
+              f"composites, {summary['rejected']} rejected, in {summary['wall_s']:.1f} s")
+    cases = Table("case", "pairs")
     for case, count in summary["cases"].items():
         cases.add_row(case, str(count))
     out.print(cases)
-    teachers = Table(title="teachers")
-    for column in ("teacher", "model", "accuracy", "tokens in/out", "requests (replayed)", "code runs (errors)"):
-        teachers.add_column(column)
+    teachers = Table("teacher", "model", "accuracy", "tokens in / out", "requests (replayed)", "code runs (errors)")
     for role, t in summary["teachers"].items():
         teachers.add_row(
             role, t["model"], f"{t['accuracy']:.1%} ({t['correct']}/{t['answers']})",
-            f"{t['prompt_tokens']}/{t['completion_tokens']}", f"{t['requests']} ({t['replayed_requests']})",
+            f"{t['prompt_tokens']} / {t['completion_tokens']}", f"{t['requests']} ({t['replayed_requests']})",
             f"{t['tool_calls']} ({t['tool_errors']})",
         )
     out.print(teachers)
@@ -99,6 +98,30 @@ def check(recipe: Path = typer.Argument(..., help="recipe YAML")) -> None:
         _fail(str(exc))
     Console().print(json.dumps({"run_name": loaded.run_name, "problems": len(problems),
                                 "output_dir": str(loaded.output_dir)}))
+
+
+@app.command()
+def serve(
+    recipe: Path = typer.Argument(..., help="recipe YAML the deployment runs"),
+    cron: str | None = typer.Option(None, help="cron schedule, e.g. '0 3 * * *'"),
+    interval: int | None = typer.Option(None, help="run every N seconds"),
+) -> None:
+    """Serve a deployment `dualdistill/<run_name>` (needs PREFECT_API_URL); trigger it with
+    `prefect deployment run dualdistill/<run_name>` or let the schedule do it."""
+    from schemas.recipe import RecipeError, load_recipe
+
+    try:
+        loaded = load_recipe(recipe)
+    except RecipeError as exc:
+        _fail(str(exc))
+    from prefect import serve as prefect_serve
+
+    from flows.dualdistill import dualdistill
+
+    deployment = dualdistill.to_deployment(
+        name=loaded.run_name, parameters={"recipe_path": str(recipe.resolve())}, cron=cron, interval=interval
+    )
+    prefect_serve(deployment)
 
 
 if __name__ == "__main__":

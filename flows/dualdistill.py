@@ -57,7 +57,7 @@ def load_problems_task(recipe: Recipe) -> list[Problem]:
 
 @task(name="answer-shard", cache_key_fn=_by_key, persist_result=True, retries=1, retry_delay_seconds=5)
 async def answer_task(key: str, runtime: Runtime, role: str, shard: str, problems: list[Problem]) -> list[Trajectory]:
-    return await answer_shard(runtime.teacher(role), problems, shard)
+    return await answer_shard(runtime.teacher(role), problems, shard, runtime.problem_slots(role))
 
 
 @task(name="grade-shard", cache_key_fn=_by_key, persist_result=True)

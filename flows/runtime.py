@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -71,9 +72,17 @@ class Runtime:
     journal: RequestJournal
     sandbox: Sandbox
     servers: list[EmbeddedServer] = field(default_factory=list)
+    _slots: dict[str, asyncio.Semaphore] = field(default_factory=dict, repr=False)
 
     def teacher(self, role: str) -> ToolTeacher | ReasoningTeacher:
         return self.tool if role == "tool" else self.reasoning
+
+    def problem_slots(self, role: str) -> asyncio.Semaphore:
+        """Problems under way per teacher: twice its request limit, so that a problem
+        waiting for its code to run does not leave a request slot idle."""
+        if role not in self._slots:
+            self._slots[role] = asyncio.Semaphore(2 * self.teacher(role).client.max_concurrency)
+        return self._slots[role]
 
     async def aclose(self) -> None:
         for teacher in (self.tool, self.reasoning):

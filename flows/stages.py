@@ -56,12 +56,26 @@ def content_key(*parts: object) -> str:
 
 
 async def answer_shard(
-    teacher: ToolTeacher | ReasoningTeacher, problems: Sequence[Problem], shard: str
+    teacher: ToolTeacher | ReasoningTeacher,
+    problems: Sequence[Problem],
+    shard: str,
+    slots: asyncio.Semaphore | None = None,
 ) -> list[Trajectory]:
-    """One trajectory per problem, in problem order."""
-    results = await asyncio.gather(
-        *(teacher.solve(problem, shard=f"{teacher.role}-{shard}") for problem in problems), return_exceptions=True
-    )
+    """One trajectory per problem, in problem order.
+
+    `slots` (shared by all shards of a teacher) bounds how many problems are under way:
+    a problem keeps its slot through all its turns, so problems finish in the order they
+    started and early shards complete early, instead of every problem's second turn
+    queueing behind every other problem's first.
+    """
+
+    async def solve(problem: Problem) -> Trajectory:
+        if slots is None:
+            return await teacher.solve(problem, shard=f"{teacher.role}-{shard}")
+        async with slots:
+            return await teacher.solve(problem, shard=f"{teacher.role}-{shard}")
+
+    results = await asyncio.gather(*(solve(problem) for problem in problems), return_exceptions=True)
     errors = [(p.id, r) for p, r in zip(problems, results) if isinstance(r, BaseException)]
     if errors:
         raise ShardFailed(f"answer[{teacher.role}]", shard, errors, len(problems))

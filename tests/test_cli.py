@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+runner = CliRunner()
+
+
+def test_grade_adds_verdicts_and_keeps_fields(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text(
+        json.dumps({"id": 1, "answer": "1", "response": "<answer>\\boxed{10}</answer>"}) + "\n"
+        + json.dumps({"id": 2, "answer": "\\frac{1}{3}", "response": "so \\boxed{12/36}"}) + "\n"
+    )
+    result = runner.invoke(app, ["grade", str(path)])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(l["id"], l["correct"], l["extracted"]) for l in lines] == [(1, False, "10"), (2, True, "12/36")]
+    assert all(l["reason"] for l in lines)
+
+
+def test_grade_names_the_line_of_bad_input(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps({"answer": "1", "response": "x"}) + "\n" + json.dumps({"answer": "2"}) + "\n")
+    result = runner.invoke(app, ["grade", str(path)])
+    assert result.exit_code == 1
+    assert "line 2" in result.output and "response" in result.output
+
+
+def test_check_and_run_refuse_a_bad_recipe_naming_the_field(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("run_name: x\noutput_dir: out\nproblems: {source: builtin:arithmetic, limit: 2}\n"
+                      "teachers: {tool: {endpoint: embedded}, reasoning: {base_url: localhost, model: m}}\n")
+    for command in ("check", "run"):
+        result = runner.invoke(app, [command, str(recipe)])
+        assert result.exit_code == 1
+        assert "teachers.reasoning" in result.output and "http://" in result.output
+
+
+def test_check_counts_problems(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("run_name: x\noutput_dir: out\nproblems: {source: builtin:arithmetic, limit: 7}\n"
+                      "teachers: {tool: {endpoint: embedded}, reasoning: {endpoint: embedded}}\n")
+    result = runner.invoke(app, ["check", str(recipe)])
+    assert result.exit_code == 0 and json.loads(result.stdout)["problems"] == 7
