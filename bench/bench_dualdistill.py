@@ -26,7 +26,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -34,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from fake_openai import FakeOpenAIServer, Reply, executor_turns, problem_text, teacher_role  # noqa: E402
+from fake_openai import Reply, completion_body, executor_turns, problem_text, teacher_role  # noqa: E402
 from flow_helpers import write_recipe  # noqa: E402
 
 
@@ -45,13 +44,12 @@ class TimedTeachers:
         self.rows = {r["problem"]: r for r in rows}
         self.code_every = round(1 / code_share) if code_share > 0 else 0
         self.spans: dict[str, list[float]] = {"tool": [], "reasoning": []}  # request arrival times
-        self.lock = threading.Lock()
+        self.problems = set(self.rows)
 
     def __call__(self, body: dict) -> Reply:
         role = teacher_role(body)
-        with self.lock:
-            self.spans[role].append(time.time())
-        text = problem_text(body, list(self.rows))
+        self.spans[role].append(time.time())
+        text = problem_text(body, self.problems)
         row = self.rows[text]
         if role == "reasoning":
             return Reply(content=f"<answer>\\boxed{{{row['answer']}}}</answer>", reasoning_content="adding up")
@@ -72,12 +70,38 @@ def write_problems(path: Path, count: int) -> list[dict]:
 
 
 def serve(problems: Path, count: int, latency: float, code_share: float) -> None:
-    """The fake endpoint, in this separate process: prints its URL, serves until killed."""
+    """The fake endpoint, in this separate process: prints its URL, serves until killed.
+
+    asyncio (aiohttp.web) rather than the tests' thread-per-connection server, which
+    tops out near 130 requests/s on this machine: the bench must measure the flow.
+    """
+    from aiohttp import web
+
     rows = write_problems(problems, count)
     script = TimedTeachers(rows, code_share)
-    with FakeOpenAIServer(script, latency_s=latency, stats=lambda: script.spans) as server:
-        print(server.base_url, flush=True)
-        threading.Event().wait()
+
+    async def chat(request: web.Request) -> web.Response:
+        body = await request.json()
+        reply = script(body)
+        await asyncio.sleep(latency)
+        return web.json_response(completion_body(body, reply))
+
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response({**script.spans, "cpu_s": time.process_time()})
+
+    async def run() -> None:
+        app = web.Application(client_max_size=64 * 1024**2)
+        app.router.add_post("/v1/chat/completions", chat)
+        app.router.add_get("/v1/_stats", stats)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        print(f"http://127.0.0.1:{port}/v1", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(run())
 
 
 def main() -> None:
@@ -111,11 +135,12 @@ def main() -> None:
             recipe = write_recipe(tmp_path / "r.yaml", problems, base_url, tmp_path / "out",
                                   shard_size=args.shard_size, stitching={"order": "both"})
             _set_teacher_options(recipe, teacher)
-            started = time.time()
+            started, cpu_started = time.time(), time.process_time()
             summary = asyncio.run(dualdistill(str(recipe)))
-            ended = time.time()
+            ended, flow_cpu = time.time(), time.process_time() - cpu_started
             with urllib.request.urlopen(base_url + "/_stats") as reply:
                 spans = json.load(reply)
+            server_cpu = spans.pop("cpu_s")
         finally:
             server.kill()
 
@@ -133,7 +158,11 @@ def main() -> None:
         print(f"{role:<10} {len(starts):>9} {span:>8.2f} {rate:>8.1f} {limit:>8.1f} {rate / limit:>6.3f}")
     outside = wall - model_span
     print(f"flow wall {wall:.2f} s, model-call span {model_span:.2f} s, outside {outside:.2f} s "
-          f"= {outside / wall:.3f} of wall")
+          f"= {outside / wall:.3f} of wall (before the first request {first_request - started:.2f} s, "
+          f"after the last answer {ended - last_answer:.2f} s)")
+    print(f"CPU seconds: flow process {flow_cpu:.2f} ({flow_cpu / wall:.0%} of a core), "
+          f"fake server {server_cpu:.2f}; per request in the flow process "
+          f"{1000 * flow_cpu / sum(len(s) for s in spans.values()):.2f} ms")
     print(f"cases: {summary['cases']}")
 
 

@@ -10,6 +10,11 @@
   on servers that ignore it (llama.cpp) and makes every sample replayable.
 - Every answer is journaled before it is returned; a request whose key is in the
   journal is answered from it without touching the network.
+
+HTTP goes through one aiohttp session per endpoint, posting to `{base_url}/chat/completions`
+with the OpenAI JSON body. The openai SDK (with either of its transports) spent 2.5-10 ms
+of CPU per request in its request/response layers; this path spends ~1 ms, which is what
+lets one process keep a few hundred requests per second in flight (bench/bench_dualdistill.py).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import openai
+import aiohttp
 
 from flows.journal import RequestJournal, request_key
 
@@ -92,6 +97,14 @@ class BadResponse(Exception):
     """The endpoint answered 200 with something that is not a usable completion."""
 
 
+class HTTPStatusError(Exception):
+    def __init__(self, status: int, body: str, retry_after: str | None) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+        self.body = body
+        self.retry_after = retry_after
+
+
 @dataclass
 class ModelClient:
     """One endpoint + model. `base_url` may be a coroutine function, called once
@@ -108,7 +121,7 @@ class ModelClient:
     extra_body: dict[str, Any] = field(default_factory=dict)
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     stats: ClientStats = field(default_factory=ClientStats)
-    _openai: openai.AsyncOpenAI | None = field(default=None, init=False, repr=False)
+    _session: aiohttp.ClientSession | None = field(default=None, init=False, repr=False)
     _semaphore: asyncio.Semaphore | None = field(default=None, init=False, repr=False)
     _endpoint: str = field(default="", init=False, repr=False)
     _start_lock: asyncio.Lock | None = field(default=None, init=False, repr=False)
@@ -147,22 +160,21 @@ class ModelClient:
         self.stats.model_seconds += response.latency_s
         return response
 
-    async def _connect(self) -> openai.AsyncOpenAI:
-        if self._openai is not None:
-            return self._openai
+    async def _connect(self) -> aiohttp.ClientSession:
+        if self._session is not None:
+            return self._session
         if self._start_lock is None:
             self._start_lock = asyncio.Lock()
         async with self._start_lock:
-            if self._openai is None:
+            if self._session is None:
                 url = self.base_url if isinstance(self.base_url, str) else await self.base_url()
-                self._endpoint = url
-                # aiohttp transport: httpx's own connection pool costs ~10 ms of CPU per
-                # request at a few dozen in flight (bench/bench_dualdistill.py).
-                self._openai = openai.AsyncOpenAI(
-                    base_url=url, api_key=self.api_key, max_retries=0, timeout=self.timeout_s,
-                    http_client=openai.DefaultAioHttpClient(timeout=self.timeout_s),
+                self._endpoint = url.rstrip("/")
+                self._session = aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=self.max_concurrency),
+                    timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                    headers={"Authorization": f"Bearer {self.api_key}"},
                 )
-        return self._openai
+        return self._session
 
     async def _send_with_retries(
         self, messages: list[dict[str, Any]], params: dict[str, Any], tools: list[dict[str, Any]] | None
@@ -194,7 +206,7 @@ class ModelClient:
 
     async def _send_once(
         self,
-        client: openai.AsyncOpenAI,
+        session: aiohttp.ClientSession,
         messages: list[dict[str, Any]],
         params: dict[str, Any],
         tools: list[dict[str, Any]] | None,
@@ -203,15 +215,20 @@ class ModelClient:
         body: dict[str, Any] = {"model": self.model, "messages": messages, "n": 1, **self.extra_body, **params}
         if tools:
             body["tools"] = tools
-        # The SDK's low-level post: its errors, auth and timeouts, without the per-call
-        # type transformation of `chat.completions.create` (~4 ms of CPU per request).
-        completion = await client.post("/chat/completions", body=body, cast_to=object)
+        async with session.post(f"{self._endpoint}/chat/completions", json=body) as reply:
+            text = await reply.text(errors="replace")
+            if reply.status != 200:
+                raise HTTPStatusError(reply.status, text, reply.headers.get("Retry-After"))
+        try:
+            completion = json.loads(text)
+        except json.JSONDecodeError:
+            raise BadResponse(f"answer is not JSON: {text[:200]!r}") from None
         return _parse_completion(completion, time.perf_counter() - started)
 
     async def aclose(self) -> None:
-        if self._openai is not None:
-            await self._openai.close()
-            self._openai = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
 def _parse_completion(completion: Any, latency: float) -> ChatResponse:
@@ -247,33 +264,39 @@ def _parse_completion(completion: Any, latency: float) -> ChatResponse:
     )
 
 
-def _retry_after_seconds(headers: Any) -> float | None:
-    value = headers.get("retry-after") if headers is not None else None
+def _retry_after_seconds(value: str | None) -> float | None:
     if not value:
         return None
     try:
         return max(0.0, float(value))
     except ValueError:
-        when = email.utils.parsedate_to_datetime(value)
-        return max(0.0, when.timestamp() - time.time()) if when else None
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        return max(0.0, when.timestamp() - time.time())
+
+
+def _error_detail(body: str) -> str:
+    try:
+        error = json.loads(body).get("error")
+        message = error.get("message") if isinstance(error, dict) else error
+        return str(message) if message else body
+    except (ValueError, AttributeError):
+        return body
 
 
 def _classify(exc: Exception) -> tuple[bool, float | None, str]:
     """(retry?, server-requested wait, human reason)."""
-    if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
-        detail = _short(exc.message)
-        return status in RETRYABLE_STATUS or status >= 500, _retry_after_seconds(exc.response.headers), f"HTTP {status}: {detail}"
-    if isinstance(exc, openai.APITimeoutError):
+    if isinstance(exc, HTTPStatusError):
+        retryable = exc.status in RETRYABLE_STATUS or exc.status >= 500
+        return retryable, _retry_after_seconds(exc.retry_after), f"HTTP {exc.status}: {_short(_error_detail(exc.body))}"
+    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
         return True, None, "request timed out"
-    if isinstance(exc, openai.APIConnectionError):
-        cause = exc.__cause__ or exc
-        return True, None, f"connection failed: {_short(str(cause) or type(cause).__name__)}"
-    if isinstance(exc, (BadResponse, openai.APIResponseValidationError)):
+    if isinstance(exc, aiohttp.ClientError):
+        return True, None, f"connection failed: {type(exc).__name__}: {_short(str(exc))}"
+    if isinstance(exc, (BadResponse, ValueError, TypeError, KeyError, AttributeError)):
         return True, None, f"unusable answer: {_short(str(exc))}"
-    if isinstance(exc, (ValueError, TypeError, KeyError, AttributeError)):
-        # The SDK could not make sense of the body (garbage JSON and the like).
-        return True, None, f"unusable answer: {type(exc).__name__}: {_short(str(exc))}"
     return False, None, f"{type(exc).__name__}: {_short(str(exc))}"
 
 
