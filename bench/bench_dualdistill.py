@@ -104,6 +104,27 @@ def serve(problems: Path, count: int, latency: float, code_share: float) -> None
     asyncio.run(run())
 
 
+async def _empty_task(index: int) -> int:
+    return index
+
+
+async def _prefect_baseline(tasks: int) -> None:
+    """A flow that does nothing but run as many Prefect tasks as the real run did."""
+    from prefect import task
+
+    empty = task(name="empty")(_empty_task)
+    await asyncio.gather(*(empty(i) for i in range(tasks)))
+
+
+def prefect_fixed_cost(tasks: int) -> float:
+    from prefect import flow
+
+    baseline = flow(name="prefect-baseline")(_prefect_baseline)
+    started = time.time()
+    asyncio.run(baseline(tasks))
+    return time.time() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", type=int, default=2000)
@@ -141,6 +162,8 @@ def main() -> None:
             with urllib.request.urlopen(base_url + "/_stats") as reply:
                 spans = json.load(reply)
             server_cpu = spans.pop("cpu_s")
+            shards = -(-args.problems // args.shard_size)
+            prefect_cost = prefect_fixed_cost(4 * shards + 1)  # 2 answer + grade + stitch per shard, publish
         finally:
             server.kill()
 
@@ -160,6 +183,9 @@ def main() -> None:
     print(f"flow wall {wall:.2f} s, model-call span {model_span:.2f} s, outside {outside:.2f} s "
           f"= {outside / wall:.3f} of wall (before the first request {first_request - started:.2f} s, "
           f"after the last answer {ended - last_answer:.2f} s)")
+    ours = outside - prefect_cost
+    print(f"Prefect's own cost for an empty flow with the same {4 * shards + 1} tasks: {prefect_cost:.2f} s; "
+          f"outside time less that: {ours:.2f} s = {ours / wall:.3f} of wall")
     print(f"CPU seconds: flow process {flow_cpu:.2f} ({flow_cpu / wall:.0%} of a core), "
           f"fake server {server_cpu:.2f}; per request in the flow process "
           f"{1000 * flow_cpu / sum(len(s) for s in spans.values()):.2f} ms")

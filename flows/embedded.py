@@ -125,3 +125,4 @@ class EmbeddedServer:
                 process.kill()
                 process.wait()
         self._log.close()
+        Path(self._log.name).unlink(missing_ok=True)

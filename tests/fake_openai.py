@@ -11,6 +11,7 @@ an HTTP error with headers (429 + Retry-After), a garbage body, or a delay.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +38,10 @@ Responder = Callable[[dict[str, Any]], Reply]
 class _Server(ThreadingHTTPServer):
     request_queue_size = 512  # the default listen backlog of 5 resets connections under load
     daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that went away is no news
+            super().handle_error(request, client_address)
 
 
 def completion_body(body: dict[str, Any], reply: Reply) -> dict[str, Any]:

@@ -30,10 +30,15 @@ def test_grade_names_the_line_of_bad_input(tmp_path):
     assert "line 2" in result.output and "response" in result.output
 
 
-def test_check_and_run_refuse_a_bad_recipe_naming_the_field(tmp_path):
+def write_recipe(tmp_path, limit: int, reasoning: str):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("run_name: x\noutput_dir: out\nproblems: {source: builtin:arithmetic, limit: 2}\n"
-                      "teachers: {tool: {endpoint: embedded}, reasoning: {base_url: localhost, model: m}}\n")
+    recipe.write_text(f"run_name: x\noutput_dir: out\nproblems: {{source: builtin:arithmetic, limit: {limit}}}\n"
+                      f"teachers: {{tool: {{endpoint: embedded}}, reasoning: {reasoning}}}\n")
+    return recipe
+
+
+def test_check_and_run_refuse_a_bad_recipe_naming_the_field(tmp_path):
+    recipe = write_recipe(tmp_path, 2, "{base_url: localhost, model: m}")
     for command in ("check", "run"):
         result = runner.invoke(app, [command, str(recipe)])
         assert result.exit_code == 1
@@ -41,8 +46,6 @@ def test_check_and_run_refuse_a_bad_recipe_naming_the_field(tmp_path):
 
 
 def test_check_counts_problems(tmp_path):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("run_name: x\noutput_dir: out\nproblems: {source: builtin:arithmetic, limit: 7}\n"
-                      "teachers: {tool: {endpoint: embedded}, reasoning: {endpoint: embedded}}\n")
+    recipe = write_recipe(tmp_path, 7, "{endpoint: embedded}")
     result = runner.invoke(app, ["check", str(recipe)])
     assert result.exit_code == 0 and json.loads(result.stdout)["problems"] == 7

@@ -138,3 +138,56 @@ def test_bad_problem_file_fails_before_any_request(tmp_path):
         with pytest.raises(Exception, match=r"problems.jsonl row 0: missing column 'answer'"):
             run(recipe)
     assert server.requests == []
+
+
+def test_kill_9_mid_run_loses_only_requests_in_flight(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.journal import RequestJournal
+
+    rows = write_problems(tmp_path / "problems.jsonl", per_kind=5)
+    script = ScriptedTeachers(rows)
+    with FakeOpenAIServer(script, latency_s=0.05) as server:
+        recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "problems.jsonl", server.base_url, tmp_path / "out")
+        code = f"import asyncio; from flows.dualdistill import dualdistill; asyncio.run(dualdistill({str(recipe)!r}))"
+        env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+        child = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+        journal_dir = tmp_path / "out" / ".distillery" / "journal"
+        deadline = time.monotonic() + 120
+        while journal_lines(journal_dir) < 15 and time.monotonic() < deadline and child.poll() is None:
+            time.sleep(0.01)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert child.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    journal = RequestJournal(journal_dir)
+    chat_keys = {key for key, entry in journal._entries.items() if "finish_reason" in entry["value"]}
+    assert len(chat_keys) >= 10
+
+    with FakeOpenAIServer(script) as healthy:
+        recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "problems.jsonl", healthy.base_url, tmp_path / "out")
+        summary = run(recipe)
+    resent = {client_key(body) for body in healthy.requests} & chat_keys
+    assert resent == set()
+    assert len(healthy.requests) == 20 * 3 - len(chat_keys)  # tool: 2 requests a problem, reasoning: 1
+    assert summary["cases"] == {"both_correct": 5, "first_correct": 5, "second_corrects": 5, "both_wrong": 5}
+    assert len(load(tmp_path / "out" / "composites")) == 15
+
+
+def journal_lines(directory) -> int:
+    return sum(len(path.read_bytes().splitlines()) for path in directory.glob("*.jsonl"))
+
+
+def client_key(body: dict) -> str:
+    """The journal key the client computed for a request body it sent."""
+    from flows.journal import request_key
+
+    params = {k: v for k, v in body.items() if k not in {"model", "messages", "n", "tools"}}
+    return request_key("chat", {"model": body["model"], "messages": body["messages"], "params": params,
+                                "extra": {}, "tools": body.get("tools"), "sample": 0})
