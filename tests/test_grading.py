@@ -1,4 +1,4 @@
-"""Tests for flows/grading.py: extraction, equivalence, traps, threads, worker processes, JSONL."""
+"""Tests for flows/grading/: extraction, equivalence, traps, threads, worker processes, JSONL."""
 
 from __future__ import annotations
 
@@ -200,12 +200,12 @@ def test_reason_names_both_values() -> None:
 
 
 def test_fast_path_skips_math_verify(monkeypatch: pytest.MonkeyPatch) -> None:
-    import flows.grading as grading
+    import flows.grading.compare as compare
 
     def explode(answer: str, gold: str) -> tuple[bool, str]:
         raise AssertionError("math-verify should not be needed")
 
-    monkeypatch.setattr(grading, "math_equivalent", explode)
+    monkeypatch.setattr(compare, "math_equivalent", explode)
     assert grade(boxed("12,345"), "12345").reason == "equal_after_normalisation"
     assert grade(boxed("\\frac{12}{36}"), "1/3").reason == "equivalent: exact_rational"
     assert grade(boxed("10"), "1").reason == "not_equivalent: 10 vs 1"
