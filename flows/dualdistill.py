@@ -23,7 +23,7 @@ import asyncio
 import json
 import re
 import time
-from pathlib import Path
+import uuid
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -80,11 +80,21 @@ def publish_task(recipe: Recipe, summary: RunSummary, composites, trajectories, 
     return {name: str(dataset.path) for name, dataset in published.items()}
 
 
+def _run_token(recipe: Recipe) -> str:
+    """Scopes cached stage results to this output folder's life: delete the folder
+    (journal included) and the next run starts from scratch, cache included."""
+    path = recipe.state_dir / "run-token"
+    if not path.exists():
+        recipe.state_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(uuid.uuid4().hex)
+    return path.read_text().strip()
+
+
 async def _process_shard(
     recipe: Recipe, runtime: Runtime, grader: Grader, lock: asyncio.Lock, index: int, problems: list[Problem]
 ) -> tuple[list[GradedTrajectory], list[Composite], list[Rejected]]:
     shard = shard_name(index)
-    scope = (STAGE_VERSION, str(Path(recipe.output_dir).resolve()), problems)
+    scope = (STAGE_VERSION, _run_token(recipe), problems)
     answer_keys = {role: content_key("answer", teacher_fingerprint(role, recipe), *scope) for role in ("tool", "reasoning")}
     answers = await asyncio.gather(
         *(answer_task.with_options(retries=recipe.shard_retries)(answer_keys[role], quote(runtime), role, shard,

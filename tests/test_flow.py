@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 
 import datasets
 import pytest
@@ -82,6 +83,10 @@ def test_order_both_doubles_composites_and_keeps_one_rejection(tmp_path):
         recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "problems.jsonl", server.base_url, tmp_path / "out",
                               stitching={"order": "both"})
         summary = run(recipe)
+        first_requests = len(server.requests)
+        shutil.rmtree(tmp_path / "out")  # a fresh start: no journal, and no cached stage results either
+        assert run(recipe)["cases"] == summary["cases"]
+        assert len(server.requests) == 2 * first_requests
     assert summary["cases"] == {"both_correct": 2, "first_correct": 2, "second_corrects": 2, "both_wrong": 1}
     composites = load(tmp_path / "out" / "composites")
     pairs = sorted(zip(composites["id"], composites["first_teacher"], composites["case"]))
