@@ -60,6 +60,8 @@ def _print_summary(summary: dict) -> None:
             f"{t['tool_calls']} ({t['tool_errors']})",
         )
     out.print(teachers)
+    sent = ", ".join(f"{role} {count}" for role, count in summary["sent_this_run"].items())
+    out.print(f"requests sent by this run: {sent} (the rest came from the journal or cached stages)")
     out.print(f"sandbox: {summary['sandbox']}   grader: {summary['grader']}")
     for name, path in summary["datasets"].items():
         out.print(f"[bold]{name}[/]: {path}")

@@ -91,10 +91,11 @@ def _run_token(recipe: Recipe) -> str:
 
 
 async def _process_shard(
-    recipe: Recipe, runtime: Runtime, grader: Grader, lock: asyncio.Lock, index: int, problems: list[Problem]
+    recipe: Recipe, run_token: str, runtime: Runtime, grader: Grader, lock: asyncio.Lock, index: int,
+    problems: list[Problem],
 ) -> tuple[list[GradedTrajectory], list[Composite], list[Rejected]]:
     shard = shard_name(index)
-    scope = (STAGE_VERSION, _run_token(recipe), problems)
+    scope = (STAGE_VERSION, run_token, problems)
     answer_keys = {role: content_key("answer", teacher_fingerprint(role, recipe), *scope) for role in ("tool", "reasoning")}
     answers = await asyncio.gather(
         *(answer_task.with_options(retries=recipe.shard_retries)(answer_keys[role], quote(runtime), role, shard,
@@ -131,12 +132,13 @@ async def dualdistill(recipe_path: str) -> dict:
     shards = split_shards(problems, recipe.shard_size)
     logger.info("%d problems in %d shard(s) of up to %d", len(problems), len(shards), recipe.shard_size)
 
+    run_token = _run_token(recipe)
     runtime = build_runtime(recipe)
     grader = Grader(workers=1)
     lock = asyncio.Lock()
     try:
         outcomes = await asyncio.gather(
-            *(_process_shard(recipe, runtime, grader, lock, i, shard) for i, shard in enumerate(shards)),
+            *(_process_shard(recipe, run_token, runtime, grader, lock, i, shard) for i, shard in enumerate(shards)),
             return_exceptions=True,
         )
     finally:
@@ -151,6 +153,7 @@ async def dualdistill(recipe_path: str) -> dict:
     rejected = [r for _, _, rs in outcomes for r in rs]
     summary = summarise(recipe.run_name, len(problems), graded, composites, rejected)
     summary.sandbox, summary.grader = runtime.sandbox.name, GRADER_VERSION
+    summary.sent_this_run = {role: runtime.teacher(role).client.stats.sent for role in ("tool", "reasoning")}
     summary.datasets = publish_task(quote(recipe), quote(summary), quote(composites), quote(graded), quote(rejected))
     summary.wall_s = round(time.perf_counter() - started, 2)
 

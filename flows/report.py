@@ -45,6 +45,7 @@ class RunSummary:
     sandbox: str = ""
     grader: str = ""
     datasets: dict[str, str] = field(default_factory=dict)  # name -> folder
+    sent_this_run: dict[str, int] = field(default_factory=dict)  # requests that reached an endpoint now
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -95,12 +96,17 @@ def teachers_markdown(summary: RunSummary) -> str:
     return "\n".join([head, *rows])
 
 
+def _sent(summary: RunSummary) -> str:
+    return ", ".join(f"{role} {count}" for role, count in summary.sent_this_run.items()) or "none"
+
+
 def summary_markdown(summary: RunSummary) -> str:
     datasets = "\n".join(f"- `{name}`: `{path}`" for name, path in summary.datasets.items())
     return (
         f"# DualDistill run `{summary.run_name}`\n\n"
         f"{summary.problems} problems → {summary.composites} composites, {summary.rejected} rejected pairs "
-        f"in {summary.wall_s:.1f} s (sandbox: {summary.sandbox}; grader: {summary.grader}).\n\n"
+        f"in {summary.wall_s:.1f} s (sandbox: {summary.sandbox}; grader: {summary.grader}). "
+        f"Requests sent by this run: {_sent(summary)}.\n\n"
         f"## Stitching cases\n\n{cases_markdown(summary)}\n\n"
         f"## Teachers\n\n{teachers_markdown(summary)}\n\n"
         + (f"## Datasets\n\n{datasets}\n" if datasets else "")

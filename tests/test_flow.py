@@ -125,6 +125,7 @@ def test_resume_after_the_server_dies_resends_nothing_answered(tmp_path):
     resent = set(sent_keys(healthy)) & set(answered)
     assert resent == set()
     assert len(healthy.requests) + len(answered) == 12 * 2 + 12
+    assert sum(summary["sent_this_run"].values()) == len(healthy.requests)
     assert summary["cases"] == {"both_correct": 3, "first_correct": 3, "second_corrects": 3, "both_wrong": 3}
     composites = load(tmp_path / "out" / "composites")
     assert len(composites) == 9 and len(set(composites["id"])) == 9
@@ -134,6 +135,7 @@ def test_resume_after_the_server_dies_resends_nothing_answered(tmp_path):
         recipe = write_recipe(tmp_path / "r.yaml", recipe_args[0], dead.base_url, recipe_args[2])
         again = run(recipe)
     assert dead.requests == [] and again["cases"] == summary["cases"]
+    assert again["sent_this_run"] == {"tool": 0, "reasoning": 0}
 
 
 def test_bad_problem_file_fails_before_any_request(tmp_path):
