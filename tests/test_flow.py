@@ -198,3 +198,23 @@ def client_key(body: dict) -> str:
     params = {k: v for k, v in body.items() if k not in {"model", "messages", "n", "tools"}}
     return request_key("chat", {"model": body["model"], "messages": body["messages"], "params": params,
                                 "extra": {}, "tools": body.get("tools"), "sample": 0})
+
+
+def test_a_larger_limit_sends_only_the_new_problems(tmp_path):
+    rows = write_problems(tmp_path / "problems.jsonl", per_kind=2)  # 8 problems, 3 requests each
+    with FakeOpenAIServer(ScriptedTeachers(rows)) as server:
+        def run_with_limit(limit):
+            recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "problems.jsonl", server.base_url,
+                                  tmp_path / "out")
+            data = yaml.safe_load(recipe.read_text())
+            data["problems"]["limit"] = limit
+            recipe.write_text(yaml.safe_dump(data))
+            return run(recipe)
+
+        small = run_with_limit(5)
+        assert len(server.requests) == 5 * 3
+        large = run_with_limit(8)
+    assert len(server.requests) == 8 * 3
+    assert sum(large["sent_this_run"].values()) == 3 * 3 and large["problems"] == 8
+    assert small["composites"] + small["rejected"] == 5
+    assert large["composites"] + large["rejected"] == 8
