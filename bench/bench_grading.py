@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from flows import grading
+from flows.grading import compare
 from flows.grading import Grader
 from schemas.records import Verdict
 
@@ -99,7 +100,7 @@ def build_pairs(count: int, seed: int) -> list[tuple[str, str]]:
 
 def _clear_caches() -> None:
     grading.normalise.cache_clear()
-    grading._parsed.cache_clear()
+    compare._parsed.cache_clear()
     grading.math_equivalent.cache_clear()
 
 
@@ -158,7 +159,7 @@ def main() -> None:
     rows.append(_timed("grade() loop", one_by_one, "one call per pair, no time bound"))
 
     load = os.getloadavg()[0]
-    checks = [c for c in (grading._prepare(r, g) for r, g in pairs) if isinstance(c, grading._Check)]
+    checks = [c for c in (compare._prepare(r, g) for r, g in pairs) if isinstance(c, compare._Check)]
     print(f"{len(pairs):,} pairs, {megabytes:.1f} MB of responses, CPU {cpu}, load {load:.1f}")
     print(f"left to math-verify: {len(checks):,} pairs, {len({c.key for c in checks}):,} unique\n")
     _print_table(rows, len(pairs))

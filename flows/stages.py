@@ -76,7 +76,7 @@ async def answer_shard(
             return await teacher.solve(problem, shard=f"{teacher.role}-{shard}")
 
     results = await asyncio.gather(*(solve(problem) for problem in problems), return_exceptions=True)
-    errors = [(p.id, r) for p, r in zip(problems, results) if isinstance(r, BaseException)]
+    errors = [(p.id, r) for p, r in zip(problems, results, strict=True) if isinstance(r, BaseException)]
     if errors:
         raise ShardFailed(f"answer[{teacher.role}]", shard, errors, len(problems))
     return list(results)  # type: ignore[arg-type]
@@ -89,5 +89,5 @@ def grade_shard(
     verdicts = grader.grade_many([(t.text, gold[t.problem_id]) for t in trajectories])
     return [
         GradedTrajectory(**t.model_dump(), correct=v.correct, extracted=v.extracted, grade_reason=v.reason)
-        for t, v in zip(trajectories, verdicts)
+        for t, v in zip(trajectories, verdicts, strict=True)
     ]

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 
 import pytest
@@ -124,7 +123,7 @@ def test_request_key_depends_on_content_not_order_of_params():
 
 
 def test_concurrency_is_bounded(tmp_path):
-    in_flight, peak = itertools.count(), []
+    peak = []
     active = [0]
 
     def responder(body):

@@ -3,7 +3,6 @@ from __future__ import annotations
 import asyncio
 import json
 
-import pytest
 from fake_openai import FakeOpenAIServer, Reply, executor_turns, problem_text
 
 from flows.client import ChatResponse, ModelClient

@@ -49,11 +49,6 @@ from flows.grading.compare import (
     Equivalence,
     Key,
     Outcome,
-    _Check,  # the underscored names are internals that bench/bench_grading.py reaches for
-    _conclude,
-    _parsed,
-    _prepare,
-    _run_equivalence,
     grade,
     math_equivalent,
 )
@@ -61,7 +56,6 @@ from flows.grading.extraction import NO_ANSWER, extract_final_answer
 from flows.grading.grader import Grader
 from flows.grading.jsonl import GradeInputError, grade_jsonl
 from flows.grading.normalisation import as_rational, master_key, normalise
-from flows.grading.workers import _worker_main
 
 __all__ = [
     "GRADER_VERSION",
