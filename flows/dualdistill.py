@@ -103,9 +103,9 @@ async def _process_shard(
           for role in ("tool", "reasoning")),
         return_exceptions=True,
     )
-    for outcome in answers:
-        if isinstance(outcome, BaseException):
-            raise outcome
+    errors = [outcome for outcome in answers if isinstance(outcome, BaseException)]
+    if errors:
+        raise errors[0] if len(errors) == 1 else BaseExceptionGroup(f"{shard}: both teachers failed", errors)
     trajectories = [t for outcome in answers for t in outcome]
     grade_key = content_key("grade", GRADER_VERSION, answer_keys["tool"], answer_keys["reasoning"])
     graded = await grade_task(grade_key, quote(grader), quote(lock), quote(trajectories), quote(problems))
@@ -117,7 +117,8 @@ async def _process_shard(
 
 def _failure_message(failures: list[BaseException]) -> str:
     lines = [f"{len(failures)} shard(s) failed; answers already received are journaled, rerun to resume:"]
-    for failure in failures:
+    flat = [e for f in failures for e in (f.exceptions if isinstance(f, BaseExceptionGroup) else [f])]
+    for failure in flat:
         lines.append(f"  - {failure}" if isinstance(failure, ShardFailed) else f"  - {type(failure).__name__}: {failure}")
     return "\n".join(lines)
 

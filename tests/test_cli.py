@@ -49,3 +49,15 @@ def test_check_counts_problems(tmp_path):
     recipe = write_recipe(tmp_path, 7, "{endpoint: embedded}")
     result = runner.invoke(app, ["check", str(recipe)])
     assert result.exit_code == 0 and json.loads(result.stdout)["problems"] == 7
+
+
+def test_run_against_a_dead_endpoint_exits_1_naming_stage_and_endpoint(tmp_path, prefect_harness):
+    dead = "{base_url: 'http://127.0.0.1:9/v1', model: m, max_retries: 0}"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"run_name: x\noutput_dir: {tmp_path / 'out'}\nproblems: {{source: builtin:arithmetic, limit: 2}}\n"
+                      f"teachers: {{tool: {dead}, reasoning: {dead}}}\nshard_retries: 0\n")
+    result = runner.invoke(app, ["run", str(recipe)])
+    assert result.exit_code == 1
+    error = result.output[result.output.index("error:"):]
+    assert "stage answer[tool]" in error and "stage answer[reasoning]" in error
+    assert "http://127.0.0.1:9/v1" in error and "connection failed" in error
