@@ -90,7 +90,6 @@ class ClientStats:
     retries: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    model_seconds: float = 0.0  # summed latency of answered requests
 
 
 class BadResponse(Exception):
@@ -157,7 +156,6 @@ class ModelClient:
         self.stats.sent += 1
         self.stats.prompt_tokens += response.prompt_tokens
         self.stats.completion_tokens += response.completion_tokens
-        self.stats.model_seconds += response.latency_s
         return response
 
     async def _connect(self) -> aiohttp.ClientSession:
