@@ -62,10 +62,10 @@ async def answer_task(key: str, runtime: Runtime, role: str, shard: str, problem
 
 @task(name="grade-shard", cache_key_fn=_by_key, persist_result=True)
 async def grade_task(
-    key: str, grader: Grader, lock: asyncio.Lock, trajectories: list[Trajectory], problems: list[Problem]
+    key: str, grader: Grader, trajectories: list[Trajectory], problems: list[Problem]
 ) -> list[GradedTrajectory]:
-    async with lock:  # one grader process pool, fed one shard at a time
-        return await asyncio.to_thread(grade_shard, trajectories, problems, grader)
+    # in a thread so the event loop keeps serving requests; the Grader serialises its pool
+    return await asyncio.to_thread(grade_shard, trajectories, problems, grader)
 
 
 @task(name="stitch-shard", cache_key_fn=_by_key, persist_result=True)
@@ -91,12 +91,12 @@ def _run_token(recipe: Recipe) -> str:
 
 
 async def _process_shard(
-    recipe: Recipe, run_token: str, runtime: Runtime, grader: Grader, lock: asyncio.Lock, index: int,
+    recipe: Recipe, answer_scopes: dict[str, str], runtime: Runtime, grader: Grader, index: int,
     problems: list[Problem],
 ) -> tuple[list[GradedTrajectory], list[Composite], list[Rejected]]:
     shard = shard_name(index)
-    scope = (STAGE_VERSION, run_token, problems)
-    answer_keys = {role: content_key("answer", teacher_fingerprint(role, recipe), *scope) for role in ("tool", "reasoning")}
+    problems_key = content_key(*problems)
+    answer_keys = {role: content_key(scope, problems_key) for role, scope in answer_scopes.items()}
     answers = await asyncio.gather(
         *(answer_task.with_options(retries=recipe.shard_retries)(answer_keys[role], quote(runtime), role, shard,
                                                                  quote(problems))
@@ -108,7 +108,7 @@ async def _process_shard(
         raise errors[0] if len(errors) == 1 else BaseExceptionGroup(f"{shard}: both teachers failed", errors)
     trajectories = [t for outcome in answers for t in outcome]
     grade_key = content_key("grade", GRADER_VERSION, answer_keys["tool"], answer_keys["reasoning"])
-    graded = await grade_task(grade_key, quote(grader), quote(lock), quote(trajectories), quote(problems))
+    graded = await grade_task(grade_key, quote(grader), quote(trajectories), quote(problems))
     stitch_key = content_key("stitch", grade_key, recipe.stitching, recipe.system_prompt,
                              load_prompt(recipe.stitching.transitions).digest)
     composites, rejected = stitch_task(stitch_key, quote(recipe), quote(problems), quote(graded))
@@ -134,12 +134,16 @@ async def dualdistill(recipe_path: str) -> dict:
     logger.info("%d problems in %d shard(s) of up to %d", len(problems), len(shards), recipe.shard_size)
 
     run_token = _run_token(recipe)
+    # what an answer stage's result depends on besides its problems (never URLs or keys)
+    answer_scopes = {
+        role: content_key("answer", STAGE_VERSION, run_token, teacher_fingerprint(role, recipe))
+        for role in ("tool", "reasoning")
+    }
     runtime = build_runtime(recipe)
     grader = Grader(workers=1)
-    lock = asyncio.Lock()
     try:
         outcomes = await asyncio.gather(
-            *(_process_shard(recipe, run_token, runtime, grader, lock, i, shard) for i, shard in enumerate(shards)),
+            *(_process_shard(recipe, answer_scopes, runtime, grader, i, shard) for i, shard in enumerate(shards)),
             return_exceptions=True,
         )
     finally:

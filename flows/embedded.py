@@ -21,6 +21,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import IO
 
 log = logging.getLogger("distillery.embedded")
 
@@ -68,7 +69,7 @@ class EmbeddedServer:
         self.startup_timeout_s = startup_timeout_s
         self._process: subprocess.Popen[bytes] | None = None
         self._url: str | None = None
-        self._log = tempfile.NamedTemporaryFile(prefix="distillery-llama-", suffix=".log", delete=False)
+        self._log: IO[bytes] | None = None  # the server's output, created when it starts
         self._lock: asyncio.Lock | None = None
 
     async def base_url(self) -> str:
@@ -92,6 +93,7 @@ class EmbeddedServer:
             "--n_threads_batch", str(self.n_threads), "--n_ctx", str(self.n_ctx),
         ]
         log.info("starting embedded model server on 127.0.0.1:%d (%s)", port, gguf.name)
+        self._log = tempfile.NamedTemporaryFile(prefix="distillery-llama-", suffix=".log", delete=False)
         self._process = subprocess.Popen(
             command, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
         )
@@ -106,10 +108,13 @@ class EmbeddedServer:
                         return url
             except OSError:
                 time.sleep(0.2)
+        tail = self._log_tail()
         self.stop()
-        raise EmbeddedModelError(f"embedded model server not ready after {self.startup_timeout_s:.0f}s:\n{self._log_tail()}")
+        raise EmbeddedModelError(f"embedded model server not ready after {self.startup_timeout_s:.0f}s:\n{tail}")
 
     def _log_tail(self, lines: int = 20) -> str:
+        if self._log is None:
+            return "(no log)"
         try:
             return "\n".join(Path(self._log.name).read_text(errors="replace").splitlines()[-lines:])
         except OSError:
@@ -124,5 +129,7 @@ class EmbeddedServer:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        self._log.close()
-        Path(self._log.name).unlink(missing_ok=True)
+        if self._log is not None:
+            self._log.close()
+            Path(self._log.name).unlink(missing_ok=True)
+            self._log = None
