@@ -50,7 +50,7 @@ $(VENV)/.embedded: $(VENV)/.installed
 	touch $@
 
 # bubblewrap sandboxes the teachers' code; without it the sandbox falls back to a
-# plain process with rlimits (see flows/sandbox.py for what that loses).
+# plain process with rlimits (see flows/execution/sandbox.py for what that loses).
 sandbox-tools:
 	@command -v bwrap >/dev/null 2>&1 || \
 		{ command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \

@@ -91,7 +91,7 @@ def grade(
 @app.command()
 def check(recipe: Path = typer.Argument(..., help="recipe YAML")) -> None:
     """Validate a recipe and its problem source without calling any model."""
-    from flows.problems import ProblemSourceError, load_problems
+    from flows.inputs.problems import ProblemSourceError, load_problems
     from schemas.recipe import RecipeError, load_recipe
 
     try:

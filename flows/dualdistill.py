@@ -30,13 +30,13 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.utilities.annotations import quote
 
 from flows.grading import GRADER_VERSION, Grader
-from flows.outputs import publish_outputs
-from flows.problems import load_problems
-from flows.prompts import load_prompt
-from flows.report import RunSummary, summarise, summary_markdown
-from flows.runtime import Runtime, build_runtime, teacher_fingerprint
-from flows.stages import ShardFailed, answer_shard, content_key, grade_shard, shard_name, split_shards
-from flows.stitching import stitch_shard
+from flows.publishing.outputs import publish_outputs
+from flows.inputs.problems import load_problems
+from flows.inputs.prompts import load_prompt
+from flows.publishing.report import RunSummary, summarise, summary_markdown
+from flows.teachers.runtime import Runtime, build_runtime, teacher_fingerprint
+from flows.stages.shards import ShardFailed, answer_shard, content_key, grade_shard, shard_name, split_shards
+from flows.stages.stitching import stitch_shard
 from schemas.recipe import Recipe, load_recipe
 from schemas.records import Composite, GradedTrajectory, Problem, Rejected, Trajectory
 

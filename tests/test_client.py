@@ -6,8 +6,8 @@ import json
 import pytest
 from fake_openai import FakeOpenAIServer, Reply
 
-from flows.client import ModelClient, ModelRequestError
-from flows.journal import RequestJournal, request_key
+from flows.models.client import ModelClient, ModelRequestError
+from flows.models.journal import RequestJournal, request_key
 
 MESSAGES = [{"role": "user", "content": "2+2?"}]
 PARAMS = {"temperature": 0.6, "top_p": 0.95, "max_tokens": 50, "seed": 7}

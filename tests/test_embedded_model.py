@@ -9,10 +9,10 @@ import datasets
 import pytest
 import yaml
 
-from flows.client import ModelClient
+from flows.models.client import ModelClient
 from flows.dualdistill import dualdistill
-from flows.embedded import EMBEDDED_MODEL_NAME, EmbeddedServer
-from flows.journal import RequestJournal
+from flows.models.embedded import EMBEDDED_MODEL_NAME, EmbeddedServer
+from flows.models.journal import RequestJournal
 
 pytestmark = pytest.mark.model
 

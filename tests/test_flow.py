@@ -156,7 +156,7 @@ def test_kill_9_mid_run_loses_only_requests_in_flight(tmp_path):
 
     from prefect.settings import PREFECT_API_URL
 
-    from flows.journal import RequestJournal
+    from flows.models.journal import RequestJournal
 
     rows = write_problems(tmp_path / "problems.jsonl", per_kind=5)
     script = ScriptedTeachers(rows)
@@ -193,7 +193,7 @@ def journal_lines(directory) -> int:
 
 def client_key(body: dict) -> str:
     """The journal key the client computed for a request body it sent."""
-    from flows.journal import request_key
+    from flows.models.journal import request_key
 
     params = {k: v for k, v in body.items() if k not in {"model", "messages", "n", "tools"}}
     return request_key("chat", {"model": body["model"], "messages": body["messages"], "params": params,

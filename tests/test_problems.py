@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flows.problems import ProblemSourceError, arithmetic_problems, load_problems, stable_id
+from flows.inputs.problems import ProblemSourceError, arithmetic_problems, load_problems, stable_id
 from schemas.recipe import ColumnMap, ProblemsSpec
 
 

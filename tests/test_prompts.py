@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from flows.prompts import PROMPTS_DIR, PromptError, load_prompt
-from flows.runtime import DEFAULT_PROMPTS, FUNCTION_CALLING_PROMPT
+from flows.inputs.prompts import PROMPTS_DIR, PromptError, load_prompt
+from flows.teachers.runtime import DEFAULT_PROMPTS, FUNCTION_CALLING_PROMPT
 
 
 def test_every_prompt_file_loads_and_every_default_name_resolves():

@@ -1,4 +1,4 @@
-"""flows/publish.py: datasets that load offline, with a card, a manifest and atomic swaps."""
+"""flows/publishing/parquet.py: datasets that load offline, with a card, a manifest and atomic swaps."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import yaml  # noqa: E402
 from huggingface_hub import DatasetCard  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
-from flows import publish  # noqa: E402
-from flows.publish import (  # noqa: E402
+from flows.publishing import parquet as publish  # noqa: E402
+from flows.publishing.parquet import (  # noqa: E402
     DatasetCardInfo,
     features_for,
     publish_dataset,

@@ -1,4 +1,4 @@
-"""flows/sandbox.py: snippets run isolated, bounded, and their failures become readable output."""
+"""flows/execution/sandbox.py: snippets run isolated, bounded, and their failures become readable output."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from flows import sandbox as sandbox_module
-from flows.sandbox import (
+from flows.execution import sandbox as sandbox_module
+from flows.execution.sandbox import (
     ExecutionResult,
     Sandbox,
     SandboxLimits,

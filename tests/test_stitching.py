@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from flows.prompts import load_prompt
-from flows.stitching import case_of, first_teachers, stitch_pair, stitch_shard
+from flows.inputs.prompts import load_prompt
+from flows.stages.stitching import case_of, first_teachers, stitch_pair, stitch_shard
 from schemas.records import GradedTrajectory, Problem
 
 TRANSITIONS = load_prompt("transitions")

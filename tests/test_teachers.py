@@ -5,12 +5,12 @@ import json
 
 from fake_openai import FakeOpenAIServer, Reply, executor_turns, problem_text
 
-from flows.client import ChatResponse, ModelClient
-from flows.journal import RequestJournal
-from flows.prompts import load_prompt
-from flows.reasoning_teacher import ReasoningTeacher, normalise_reasoning
-from flows.sandbox import SandboxLimits, make_sandbox
-from flows.tool_teacher import ToolTeacher, find_code
+from flows.models.client import ChatResponse, ModelClient
+from flows.models.journal import RequestJournal
+from flows.inputs.prompts import load_prompt
+from flows.teachers.reasoning import ReasoningTeacher, normalise_reasoning
+from flows.execution.sandbox import SandboxLimits, make_sandbox
+from flows.teachers.tool import ToolTeacher, find_code
 from schemas.records import Problem
 
 PROBLEM = Problem(id="p1", problem="Ana has 12 apples and gets 30 more. How many apples does Ana have now?", answer="42")

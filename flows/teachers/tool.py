@@ -21,10 +21,10 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from flows.client import ChatResponse, ModelClient, ToolCall
-from flows.journal import RequestJournal, request_key
-from flows.prompts import PromptFile
-from flows.sandbox import Sandbox
+from flows.models.client import ChatResponse, ModelClient, ToolCall
+from flows.models.journal import RequestJournal, request_key
+from flows.inputs.prompts import PromptFile
+from flows.execution.sandbox import Sandbox
 from schemas.records import Problem, Trajectory
 
 _CODE_TAG = re.compile(r"<code>\s*\n?(.*?)(?:</code>|\Z)", re.DOTALL)

@@ -31,7 +31,7 @@ from typing import Any
 
 import aiohttp
 
-from flows.journal import RequestJournal, request_key
+from flows.models.journal import RequestJournal, request_key
 
 log = logging.getLogger("distillery.client")
 

@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterable
 from typing import Literal
 
-from flows.prompts import PromptFile
+from flows.inputs.prompts import PromptFile
 from schemas.records import CaseLabel, Composite, GradedTrajectory, Problem, Rejected, TeacherRole
 
 Order = Literal["tool_first", "reasoning_first", "random", "both"]

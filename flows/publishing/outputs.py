@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from flows.publish import DatasetCardInfo, PublishedDataset, features_for, publish_dataset
-from flows.report import RunSummary, cases_markdown, teachers_markdown
+from flows.publishing.parquet import DatasetCardInfo, PublishedDataset, features_for, publish_dataset
+from flows.publishing.report import RunSummary, cases_markdown, teachers_markdown
 from schemas.recipe import Recipe
 from schemas.records import Composite, GradedTrajectory, Rejected
 

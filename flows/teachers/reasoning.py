@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flows.client import ChatResponse, ModelClient
-from flows.prompts import PromptFile
+from flows.models.client import ChatResponse, ModelClient
+from flows.inputs.prompts import PromptFile
 from schemas.records import Problem, Trajectory
 
 

@@ -12,7 +12,7 @@ The folder is built in a hidden sibling (`.{name}.tmp-<pid>`) and swapped in onl
 it is complete, so a crash never leaves half a dataset at `folder`. The same rows give
 byte-identical Parquet files and the same checksum.
 
-    from flows.publish import DatasetCardInfo, features_for, publish_dataset
+    from flows.publishing.parquet import DatasetCardInfo, features_for, publish_dataset
     publish_dataset(out / "composites", composites, features_for(Composite), card)
 """
 

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flows.client import ModelClient
-from flows.embedded import EMBEDDED_MODEL_NAME, EmbeddedServer
-from flows.journal import RequestJournal
-from flows.prompts import load_prompt
-from flows.reasoning_teacher import ReasoningTeacher
-from flows.sandbox import Sandbox, SandboxLimits, make_sandbox
-from flows.tool_teacher import ToolTeacher
+from flows.models.client import ModelClient
+from flows.models.embedded import EMBEDDED_MODEL_NAME, EmbeddedServer
+from flows.models.journal import RequestJournal
+from flows.inputs.prompts import load_prompt
+from flows.teachers.reasoning import ReasoningTeacher
+from flows.execution.sandbox import Sandbox, SandboxLimits, make_sandbox
+from flows.teachers.tool import ToolTeacher
 from schemas.recipe import Recipe, SandboxSpec, TeacherSpec
 
 DEFAULT_PROMPTS = {"tool": "tool_teacher", "reasoning": "reasoning_teacher"}

@@ -14,8 +14,8 @@ import json
 from collections.abc import Sequence
 
 from flows.grading import Grader
-from flows.reasoning_teacher import ReasoningTeacher
-from flows.tool_teacher import ToolTeacher
+from flows.teachers.reasoning import ReasoningTeacher
+from flows.teachers.tool import ToolTeacher
 from schemas.records import GradedTrajectory, Problem, Trajectory
 
 

@@ -1,0 +1,1 @@
+"""Talking to models: the OpenAI-compatible client, the request journal, the embedded default model."""

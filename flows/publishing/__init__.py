@@ -1,0 +1,1 @@
+"""What a run writes: Parquet datasets with cards, and the run summary."""

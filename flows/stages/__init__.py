@@ -1,0 +1,1 @@
+"""Shard-level stage logic, plain functions the flows wire."""

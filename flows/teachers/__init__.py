@@ -1,0 +1,1 @@
+"""The DualDistill teachers and what builds them from a recipe."""
