@@ -330,6 +330,159 @@ def test_process_output_is_truncated() -> None:
     assert result.truncated and result.output.endswith("[output truncated: 151 more characters]")
 
 
+# --- stateful sessions: replaying the history -------------------------------------------
+
+BACKENDS = [pytest.param("bwrap", marks=pytest.mark.sandbox), "process"]
+
+
+def sandbox_of(kind: str, limits: SandboxLimits = SandboxLimits(wall_time_s=2.0)) -> Sandbox:
+    return bwrap_sandbox(limits) if kind == "bwrap" else make_sandbox("process", limits)
+
+
+SPIN = (
+    "import time\ndef spin(seconds):\n    end = time.process_time() + seconds\n"
+    "    while time.process_time() < end:\n        pass\n"
+)
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_state_carries_across_blocks(kind: str) -> None:
+    history = [
+        "import math\ntotal = 40\n",
+        "def hypot(a, b):\n    return math.sqrt(a * a + b * b)\n\n"
+        "class Counter:\n    def __init__(self):\n        self.n = total\n",
+        "total += 2\nimport collections as co\n",
+    ]
+    code = "c = Counter()\nprint(hypot(3, 4), c.n, total, co.Counter('aab')['a'], math.pi > 3)"
+    result = sandbox_of(kind).run_sync(code, history)
+    assert result.output == "5.0 42 42 2 True\n", result.output
+    assert (result.exit_code, result.failed, result.timed_out, result.truncated) == (0, False, False, False)
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_replay_is_silent(kind: str) -> None:
+    history = [
+        "import os, subprocess, sys\nprint('replayed stdout')\nprint('replayed stderr', file=sys.stderr)\n"
+        "sys.stdout.write('no newline')\nos.write(1, b'raw fd 1\\n')\nos.write(2, b'raw fd 2\\n')\n",
+        "os.system('echo from the shell; echo shell stderr >&2')\n"
+        "subprocess.run([sys.executable, '-c', 'import sys; print(1); print(2, file=sys.stderr)'])\n"
+        "print('z' * 100_000)\nvalue = 7\n",
+    ]
+    sandbox = sandbox_of(kind, SandboxLimits(wall_time_s=3.0, max_output_chars=100))
+    result = sandbox.run_sync("import sys\nprint('new', value)\nprint('careful', file=sys.stderr)", history)
+    assert result.output == "new 7\ncareful\n", result.output  # nor is the replay's output counted against the limit
+    assert not result.truncated and not result.failed
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_a_failed_block_leaves_no_state(kind: str) -> None:
+    sandbox = sandbox_of(kind)
+    ok, broken = "a = 1\n", "b = 2\nc = 1 / 0\n"
+    assert not sandbox.run_sync(ok).failed and sandbox.run_sync(broken).failed
+    result = sandbox.run_sync("print(a)\nprint(b)", history=[ok])  # the caller passes successful blocks only
+    assert result.failed and result.output.startswith("1\nTraceback (most recent call last):\n")
+    assert result.output.rstrip().endswith("NameError: name 'b' is not defined")
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_a_replayed_block_that_raises_is_skipped(kind: str) -> None:
+    history = ["x = 1\n", "x += 1\nraise SystemExit(3)\n", "x += 10\ny = 1 / 0\n", "import sys\nx += 100\nsys.exit(0)\n",
+               "raise KeyboardInterrupt\n", "x += 1000\n", "this is not python\n"]
+    result = sandbox_of(kind).run_sync("print(x)\nprint('y' in globals())", history)
+    assert result.output == "1112\nFalse\n", result.output
+    assert result.exit_code == 0 and not result.failed
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_slow_history_does_not_use_up_the_wall_time(kind: str) -> None:
+    sandbox = sandbox_of(kind, QUICK)
+    history = ["import time\ntime.sleep(0.6)\n", "time.sleep(0.6)\nslept = 2\n"]
+    result = sandbox.run_sync("time.sleep(0.5)\nprint('slept', slept)", history)
+    assert result.output == "slept 2\n" and not result.timed_out and not result.failed, result
+
+    result = sandbox.run_sync("print('started')\ntime.sleep(100)", history)
+    assert result.timed_out and result.failed and result.exit_code is None
+    assert result.output == "started\nTimeoutError: execution exceeded 1.0 s wall time"
+    assert 2.0 < result.duration_s < 4.0  # the replay, then the block's own second
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_a_hanging_replay_times_out_as_usual(kind: str) -> None:
+    result = sandbox_of(kind, QUICK).run_sync("print('never')", ["print('replay')\nwhile True:\n    pass\n"])
+    assert result.timed_out and result.failed and result.exit_code is None
+    assert result.output == "TimeoutError: execution exceeded 1.0 s wall time"
+    assert result.duration_s < 3.5  # bounded by wall_time_s x (1 + len(history))
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_cpu_limit_applies_to_the_block_after_a_heavy_replay(kind: str) -> None:
+    sandbox = sandbox_of(kind, SandboxLimits(wall_time_s=10.0, cpu_time_s=1))
+    history = [SPIN + "spin(0.8)\n", "spin(0.8)\n"]
+    result = sandbox.run_sync("spin(0.6)\nprint('done')", history)  # 2.2 s of CPU in all
+    assert result.output == "done\n" and not result.failed, result.output
+
+    result = sandbox.run_sync("print('spinning')\nwhile True:\n    pass", history)
+    assert not result.timed_out and result.failed
+    assert result.exit_code == 128 + signal.SIGXCPU
+    assert result.output == "spinning\nKilled by SIGXCPU: CPU time limit of 1 s exceeded"
+    assert result.duration_s < 6
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_traceback_shows_the_new_block(kind: str) -> None:
+    history = ["def ratio(a, b):\n    return a / b\n"]
+    result = sandbox_of(kind).run_sync("print('before')\nx = 1\nratio(x, 0)", history)
+    assert result.failed and result.exit_code == 1
+    output = result.output
+    assert output.startswith("before\nTraceback (most recent call last):\n")
+    assert 'snippet.py", line 3, in <module>\n    ratio(x, 0)\n' in output
+    assert 'File "<block 1>", line 2, in ratio\n    return a / b\n' in output
+    assert output.rstrip().endswith("ZeroDivisionError: division by zero")
+    assert "<string>" not in output  # the bootstrap's frame is hidden
+
+    syntax = sandbox_of(kind).run_sync("y = (1,\nprint(y)", history)
+    assert syntax.failed and "SyntaxError" in syntax.output and "<string>" not in syntax.output
+    assert 'snippet.py", line 1\n' in syntax.output
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_nothing_started_by_the_replay_outlives_the_run(kind: str) -> None:
+    marker = f"distillery-test-{uuid.uuid4()}"
+    history = [
+        "import os, subprocess, sys, time\n"
+        f"marker = {marker!r}\n"
+        "def alive():\n"
+        "    count = 0\n"
+        "    for pid in filter(str.isdigit, os.listdir('/proc')):\n"
+        "        try:\n"
+        "            count += marker.encode() in open(f'/proc/{pid}/cmdline', 'rb').read()\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "    return count\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(1000)', marker])\n"
+        "deadline = time.time() + 1.0\n"
+        "while not alive() and time.time() < deadline:\n"
+        "    time.sleep(0.02)\n"
+    ]
+    result = sandbox_of(kind).run_sync("print(alive() == 1)", history)
+    assert result.output == "True\n", result.output  # the replayed block's child was running
+    deadline = time.monotonic() + 1.0
+    while processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert processes_with(marker) == []
+
+
+@pytest.mark.sandbox
+def test_replay_runs_with_the_same_isolation(listener: int) -> None:
+    history = [
+        "import os, socket\nuid = os.getuid()\ntry:\n"
+        f"    socket.create_connection(('127.0.0.1', {listener}), timeout=1)\n    net = 'connected'\n"
+        "except OSError:\n    net = 'blocked'\n"
+    ]
+    result = bwrap_sandbox().run_sync("print(uid != 0, net)", history)
+    assert result.output == "True blocked\n", result.output
+
+
 # --- choosing a backend ---------------------------------------------------------------
 
 
