@@ -10,6 +10,10 @@
   on servers that ignore it (llama.cpp) and makes every sample replayable.
 - Every answer is journaled before it is returned; a request whose key is in the
   journal is answered from it without touching the network.
+- `max_tokens` is not part of the journal key but stored with the answer: an answer
+  that finished (`finish_reason != "length"`) within the new budget is what the same
+  seed would produce again, so raising `max_tokens` resends only the answers the old
+  budget cut (`ClientStats.reused_across_budget` counts the others).
 
 HTTP goes through one aiohttp session per endpoint, posting to `{base_url}/chat/completions`
 with the OpenAI JSON body. The openai SDK (with either of its transports) spent 2.5-10 ms
@@ -80,7 +84,21 @@ class ChatResponse:
     @classmethod
     def from_journal(cls, value: dict[str, Any]) -> ChatResponse:
         calls = tuple(ToolCall(**call) for call in value.get("tool_calls") or ())
-        return cls(**{**value, "tool_calls": calls, "replayed": True})
+        fields = {k: v for k, v in value.items() if k != "max_tokens"}
+        return cls(**{**fields, "tool_calls": calls, "replayed": True})
+
+
+def fits_budget(journaled: dict[str, Any], max_tokens: int | None) -> bool:
+    """Whether a journaled answer is what a request with this `max_tokens` would get."""
+    if journaled.get("max_tokens") == max_tokens:
+        return True
+    if journaled.get("finish_reason") == "length":
+        return False  # cut by another budget: a larger one would go further
+    if max_tokens is None:
+        return True
+    used = journaled.get("completion_tokens") or 0
+    recorded = journaled.get("max_tokens")
+    return 0 < used <= max_tokens or (recorded is not None and recorded <= max_tokens)
 
 
 @dataclass
@@ -88,6 +106,7 @@ class ClientStats:
     sent: int = 0  # requests that got an answer from the endpoint
     replayed: int = 0  # requests answered from the journal
     retries: int = 0
+    reused_across_budget: int = 0  # replayed although the journaled answer had another max_tokens
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -142,17 +161,20 @@ class ModelClient:
         params = dict(params)
         if params.get("seed") is not None:
             params["seed"] = int(params["seed"]) + sample
-        key = request_key(
-            "chat",
-            {"model": self.model, "messages": messages, "params": params, "extra": self.extra_body,
-             "tools": tools, "sample": sample},
-        )
+        keyed = {"model": self.model, "messages": messages, "extra": self.extra_body, "tools": tools, "sample": sample}
+        budget = params.get("max_tokens")
+        key = request_key("chat", {**keyed, "params": {k: v for k, v in params.items() if k != "max_tokens"}})
         cached = self.journal.get(key)
-        if cached is not None:
+        if cached is not None and fits_budget(cached, budget):
             self.stats.replayed += 1
+            self.stats.reused_across_budget += int(cached.get("max_tokens") != budget)
             return ChatResponse.from_journal(cached)
+        # journals written before max_tokens left the key
+        if cached is None and (legacy := self.journal.get(request_key("chat", {**keyed, "params": params}))):
+            self.stats.replayed += 1
+            return ChatResponse.from_journal(legacy)
         response = await self._send_with_retries(messages, params, tools)
-        self.journal.record(shard, key, response.to_journal())
+        self.journal.record(shard, key, {**response.to_journal(), "max_tokens": budget})
         self.stats.sent += 1
         self.stats.prompt_tokens += response.prompt_tokens
         self.stats.completion_tokens += response.completion_tokens
