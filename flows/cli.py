@@ -63,6 +63,12 @@ def _print_summary(summary: dict) -> None:
     out.print(teachers)
     sent = ", ".join(f"{role} {count}" for role, count in summary["sent_this_run"].items())
     out.print(f"requests sent by this run: {sent} (the rest came from the journal or cached stages)")
+    reused = sum(summary.get("reused_across_budget", {}).values())
+    if reused:
+        out.print(f"answers reused across a max_tokens change: {reused} (finished within the new budget)")
+    wrong = {role: t["wrong_by_reason"] for role, t in summary["teachers"].items() if t["wrong_by_reason"]}
+    for role, reasons in wrong.items():
+        out.print(f"{role} wrong answers by reason: " + ", ".join(f"{r} {n}" for r, n in sorted(reasons.items())))
     out.print(f"sandbox: {summary['sandbox']}   grader: {summary['grader']}")
     for name, path in summary["datasets"].items():
         out.print(f"[bold]{name}[/]: {path}")

@@ -40,7 +40,7 @@ from flows.stages.stitching import stitch_shard
 from schemas.recipe import Recipe, load_recipe
 from schemas.records import Composite, GradedTrajectory, Problem, Rejected, Trajectory
 
-STAGE_VERSION = "1"  # bump when a stage's output format changes, to invalidate cached results
+STAGE_VERSION = "2"  # bump when a stage's output format changes, to invalidate cached results
 
 
 class RunFailed(RuntimeError):
@@ -62,10 +62,10 @@ async def answer_task(key: str, runtime: Runtime, role: str, shard: str, problem
 
 @task(name="grade-shard", cache_key_fn=_by_key, persist_result=True)
 async def grade_task(
-    key: str, grader: Grader, trajectories: list[Trajectory], problems: list[Problem]
+    key: str, grader: Grader, trajectories: list[Trajectory], problems: list[Problem], system_prompt: str | None
 ) -> list[GradedTrajectory]:
     # in a thread so the event loop keeps serving requests; the Grader serialises its pool
-    return await asyncio.to_thread(grade_shard, trajectories, problems, grader)
+    return await asyncio.to_thread(grade_shard, trajectories, problems, grader, system_prompt)
 
 
 @task(name="stitch-shard", cache_key_fn=_by_key, persist_result=True)
@@ -107,8 +107,8 @@ async def _process_shard(
     if errors:
         raise errors[0] if len(errors) == 1 else BaseExceptionGroup(f"{shard}: both teachers failed", errors)
     trajectories = [t for outcome in answers for t in outcome]
-    grade_key = content_key("grade", GRADER_VERSION, answer_keys["tool"], answer_keys["reasoning"])
-    graded = await grade_task(grade_key, quote(grader), quote(trajectories), quote(problems))
+    grade_key = content_key("grade", GRADER_VERSION, answer_keys["tool"], answer_keys["reasoning"], recipe.system_prompt)
+    graded = await grade_task(grade_key, quote(grader), quote(trajectories), quote(problems), recipe.system_prompt)
     stitch_key = content_key("stitch", grade_key, recipe.stitching, recipe.system_prompt,
                              load_prompt(recipe.stitching.transitions).digest)
     composites, rejected = stitch_task(stitch_key, quote(recipe), quote(problems), quote(graded))
@@ -158,7 +158,9 @@ async def dualdistill(recipe_path: str) -> dict:
     rejected = [r for _, _, rs in outcomes for r in rs]
     summary = summarise(recipe.run_name, len(problems), graded, composites, rejected)
     summary.sandbox, summary.grader = runtime.sandbox.name, GRADER_VERSION
-    summary.sent_this_run = {role: runtime.teacher(role).client.stats.sent for role in ("tool", "reasoning")}
+    stats = {role: runtime.teacher(role).client.stats for role in ("tool", "reasoning")}
+    summary.sent_this_run = {role: s.sent for role, s in stats.items()}
+    summary.reused_across_budget = {role: s.reused_across_budget for role, s in stats.items()}
     summary.datasets = publish_task(quote(recipe), quote(summary), quote(composites), quote(graded), quote(rejected))
     summary.wall_s = round(time.perf_counter() - started, 2)
 

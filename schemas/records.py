@@ -26,14 +26,68 @@ class Problem(BaseModel):
     source_row: int = 0  # 0-based row in that source, for error messages
 
 
+GradeMethod = Literal["rule", "normalised_string", "exact", "math_verify", "grader_error"]
+ParseStatus = Literal["both", "answer_failed", "gold_failed", "neither", "not_needed"]
+
+
 class Verdict(BaseModel):
-    """A grade: always the answer that was extracted and why it was judged so."""
+    """A grade: always the answer that was extracted, why it was judged so, and by which rule.
+
+    `method`: `rule` (decided before any value was compared: no answer, truncated, empty,
+    master key, invalid gold, too long), `normalised_string` (equal strings after
+    normalisation), `exact` (exact arithmetic: integers, rationals, exact symbolic values
+    such as powers and factorials), `math_verify` (math-verify's comparison: decimals with
+    its tolerance, sets, intervals, expressions with symbols), `grader_error` (timeout or crash).
+    `parse_status`: whether both sides were read as mathematical values (`both`), only one
+    (`answer_failed`, `gold_failed`), `neither`, or `not_needed` (decided without parsing).
+    """
 
     model_config = ConfigDict(frozen=True)
 
     correct: bool
     extracted: str | None
     reason: str
+    method: GradeMethod = "rule"
+    parse_status: ParseStatus = "not_needed"
+
+
+class TrainSpan(BaseModel):
+    """A character range of a message's content and whether it is trained on.
+
+    Axolotl's `message_field_training_detail` format: `end_offset` is *inclusive*
+    (Axolotl compares each token's (start, next_start - 1) range against it). Spans cover
+    the content in order. Axolotl widens a span to whole tokens, so a token straddling an
+    edge may be trained there; `flows.training.labels` leaves it untrained. Our edges sit
+    on newlines, which common tokenizers keep as tokens of their own.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    begin_offset: int = Field(ge=0)
+    end_offset: int = Field(ge=0)  # inclusive
+    train: bool
+
+
+class ChatMessage(BaseModel):
+    """One turn of an SFT conversation; assistant turns carry their `train_detail`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    role: str
+    content: str
+    train_detail: list[TrainSpan] | None = None
+
+
+class ToolSpan(BaseModel):
+    """Where a code block or its executor output sits in a trajectory's `text`
+    (`start`/`end` as in a Python slice, end exclusive)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["code", "executor"]
+    start: int = Field(ge=0)
+    end: int = Field(ge=0)
+    failed: bool  # the run ended in a traceback, a syntax error, a timeout or a non-zero exit
 
 
 class Trajectory(BaseModel):
@@ -51,12 +105,16 @@ class Trajectory(BaseModel):
     tool_calls: int = 0  # code executions (tool teacher only)
     tool_errors: int = 0  # executions that ended in an error or a timeout
     latency_s: float = 0.0  # summed model latency (excludes journal replays)
+    tool_spans: list[ToolSpan] = Field(default_factory=list)  # every <code> and <executor> block of `text`
 
 
 class GradedTrajectory(Trajectory):
     correct: bool
     extracted: str | None
     grade_reason: str
+    grade_method: GradeMethod = "rule"  # which rule decided (see Verdict)
+    parse_status: ParseStatus = "not_needed"
+    messages: list[ChatMessage] = Field(default_factory=list)  # [system?, user, assistant (= text)]
 
 
 class Composite(BaseModel):
@@ -72,8 +130,8 @@ class Composite(BaseModel):
     case: CaseLabel
     transition: str  # the phrase between the two answers ("" when there is none)
     text: str
-    messages: list[dict[str, str]]
-    mask_until: int = Field(ge=0)  # leading characters of `text` to mask from the loss
+    messages: list[ChatMessage]  # [system?, user, assistant (= text, with train_detail)]
+    mask_until: int = Field(ge=0)  # leading characters of `text` to mask from the loss (failed first attempt)
     first_model: str
     second_model: str
 

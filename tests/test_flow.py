@@ -9,7 +9,7 @@ import shutil
 import datasets
 import pytest
 import yaml
-from fake_openai import FakeOpenAIServer, Reply
+from fake_openai import FakeOpenAIServer, Reply, problem_text, teacher_role
 from flow_helpers import ScriptedTeachers, write_problems, write_recipe
 
 from flows.dualdistill import RunFailed, dualdistill
@@ -53,8 +53,12 @@ def test_all_four_cases_exact_counts_and_text(tmp_path):
         "Wait, we can also use text-reasoning as an alternative way to verify the solution.\n\n"
         "<think>\n100 plus 7 is 107.\n</think>\n<answer>\\boxed{107}</answer>"
     )
-    assert both["messages"] == [{"role": "user", "content": rows[0]["problem"]},
-                                {"role": "assistant", "content": both["text"]}]
+    assert [(m["role"], m["content"]) for m in both["messages"]] == [("user", rows[0]["problem"]),
+                                                                     ("assistant", both["text"])]
+    assert both["messages"][0]["train_detail"] is None
+    executor_at = both["text"].index("<executor>")
+    assert [(d["begin_offset"], d["train"]) for d in both["messages"][1]["train_detail"]] == [
+        (0, True), (executor_at, False), (executor_at + len("<executor>\n107\n</executor>"), True)]
     first_only = by_id["tool_only-1"]
     assert first_only["case"] == "first_correct" and (first_only["g1"], first_only["g2"]) == (True, False)
     assert first_only["text"].endswith("<answer>\\boxed{115}</answer>") and "<think>" not in first_only["text"]
@@ -195,7 +199,7 @@ def client_key(body: dict) -> str:
     """The journal key the client computed for a request body it sent."""
     from flows.models.journal import request_key
 
-    params = {k: v for k, v in body.items() if k not in {"model", "messages", "n", "tools"}}
+    params = {k: v for k, v in body.items() if k not in {"model", "messages", "n", "tools", "max_tokens"}}
     return request_key("chat", {"model": body["model"], "messages": body["messages"], "params": params,
                                 "extra": {}, "tools": body.get("tools"), "sample": 0})
 
@@ -218,3 +222,54 @@ def test_a_larger_limit_sends_only_the_new_problems(tmp_path):
     assert sum(large["sent_this_run"].values()) == 3 * 3 and large["problems"] == 8
     assert small["composites"] + small["rejected"] == 5
     assert large["composites"] + large["rejected"] == 8
+
+
+def budgeted(rows: list[dict], long_ids: set[str]):
+    """ScriptedTeachers whose reasoning answers to `long_ids` take 12 words; every reply is cut
+    (finish_reason=length) at `max_tokens` words, as a real server would."""
+    script = ScriptedTeachers(rows)
+
+    def responder(body):
+        reply = script(body)
+        row = script.by_text[problem_text(body, list(script.by_text))]
+        if teacher_role(body) == "reasoning" and row["id"] in long_ids:
+            reply.content = "Let me check every digit twice before I answer this. " + reply.content
+        words = reply.content.split(" ")
+        if len(words) > body["max_tokens"]:
+            return Reply(content=" ".join(words[: body["max_tokens"]]), finish_reason="length")
+        return reply
+
+    return responder
+
+
+def test_raising_max_tokens_resends_exactly_the_cut_requests(tmp_path):
+    rows = write_problems(tmp_path / "problems.jsonl", per_kind=2)
+    long_ids = {"reasoning_only-0", "both_correct-1"}
+    with FakeOpenAIServer(budgeted(rows, long_ids)) as server:
+        def run_with(max_tokens):
+            recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "problems.jsonl", server.base_url, tmp_path / "out")
+            data = yaml.safe_load(recipe.read_text())
+            for role in ("tool", "reasoning"):
+                data["teachers"][role]["sampling"]["max_tokens"] = max_tokens
+            recipe.write_text(yaml.safe_dump(data))
+            return run(recipe)
+
+        short = run_with(8)
+        first_requests = len(server.requests)
+        trajectories = {(r["problem_id"], r["teacher"]): r for r in load(tmp_path / "out" / "trajectories")}
+        for problem_id in long_ids:
+            cut = trajectories[(problem_id, "reasoning")]
+            assert cut["finish_reason"] == "length" and not cut["correct"]
+            assert cut["grade_reason"].startswith("truncated:") and cut["grade_method"] == "rule"
+        assert short["teachers"]["reasoning"]["wrong_by_reason"]["truncated"] == 2
+
+        longer = run_with(64)
+    resent = server.requests[first_requests:]
+    assert sorted(problem_text(body, [r["problem"] for r in rows]) for body in resent) == sorted(
+        r["problem"] for r in rows if r["id"] in long_ids)
+    assert all(body["max_tokens"] == 64 for body in resent)
+    assert longer["sent_this_run"] == {"tool": 0, "reasoning": 2}
+    assert longer["reused_across_budget"] == {"tool": 16, "reasoning": 6}
+    trajectories = {(r["problem_id"], r["teacher"]): r for r in load(tmp_path / "out" / "trajectories")}
+    assert all(trajectories[(i, "reasoning")]["finish_reason"] == "stop" for i in long_ids)
+    assert longer["cases"]["both_correct"] == 2 and longer["cases"]["second_corrects"] == 2

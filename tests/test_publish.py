@@ -121,7 +121,8 @@ def test_features_for_nested_models_and_lists():
 def test_features_for_records_models():
     composite = features_for(Composite)
     assert list(composite) == list(Composite.model_fields)
-    assert composite["messages"] == MESSAGES
+    span = {"begin_offset": datasets.Value("int64"), "end_offset": datasets.Value("int64"), "train": datasets.Value("bool")}
+    assert composite["messages"] == datasets.List({**MESSAGES.feature, "train_detail": datasets.List(span)})
     assert composite["case"] == datasets.Value("string")
     assert composite["mask_until"] == datasets.Value("int64")
     graded = features_for(GradedTrajectory)

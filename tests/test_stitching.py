@@ -58,7 +58,9 @@ def test_second_corrects_masks_the_failed_attempt(first):
     assert row.text[row.mask_until:].startswith(phrase)
     assert row.text[: row.mask_until].rstrip() == graded(first, False).text.replace("<answer>", "").replace("</answer>", "")
     assert row.text.endswith(graded(second, True).text)
-    assert row.messages == [{"role": "user", "content": PROBLEM.problem}, {"role": "assistant", "content": row.text}]
+    assert [(m.role, m.content) for m in row.messages] == [("user", PROBLEM.problem), ("assistant", row.text)]
+    untrained = row.messages[-1].train_detail[0]
+    assert (untrained.begin_offset, untrained.end_offset, untrained.train) == (0, row.mask_until - 1, False)
 
 
 def test_both_wrong_is_rejected_with_reasons():
@@ -69,7 +71,7 @@ def test_both_wrong_is_rejected_with_reasons():
 
 def test_system_prompt_goes_first_in_messages():
     row = stitch_pair(PROBLEM, graded("tool", True), graded("reasoning", False), TRANSITIONS, system_prompt="Be exact.")
-    assert row.messages[0] == {"role": "system", "content": "Be exact."}
+    assert (row.messages[0].role, row.messages[0].content, row.messages[0].train_detail) == ("system", "Be exact.", None)
 
 
 @pytest.mark.parametrize(("order", "expected"), [("tool_first", ["tool"]), ("reasoning_first", ["reasoning"]),

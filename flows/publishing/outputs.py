@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from flows.publishing.parquet import DatasetCardInfo, PublishedDataset, features_for, publish_dataset
-from flows.publishing.report import RunSummary, cases_markdown, teachers_markdown
+from flows.publishing.report import RunSummary, cases_markdown, teachers_markdown, wrong_reasons_markdown
 from schemas.recipe import Recipe
 from schemas.records import Composite, GradedTrajectory, Rejected
 
@@ -17,10 +17,16 @@ DESCRIPTIONS = {
     "composites": (
         "DualDistill composite trajectories: a tool-using and a reasoning teacher answered each problem, each "
         "answer was graded against the gold answer, and the pair was stitched by correctness. `text` is the SFT "
-        "target, `messages` the conversation, and the first `mask_until` characters of `text` (a failed first "
-        "attempt) should be masked from the loss."
+        "target, `messages` the conversation, whose assistant turn carries `train_detail`: the character spans "
+        "to train on, in Axolotl's `message_field_training_detail` format (end offsets inclusive). Executor output, "
+        "failed code blocks and a failed first attempt are not trained; `mask_until` is the length of that failed "
+        "first attempt, for trainers that only mask a prefix."
     ),
-    "trajectories": "Every graded teacher answer of the run, with tokens, requests, code executions and latency.",
+    "trajectories": (
+        "Every graded teacher answer of the run, with tokens, requests, code executions and latency; "
+        "`grade_method` and `parse_status` say how the grade was decided, and `messages` makes each answer "
+        "trainable alone (assistant `train_detail`: executor output and failed code blocks not trained)."
+    ),
     "rejected": "Problems whose two answers were both wrong, kept with the grader's reasons; not training data.",
 }
 
@@ -33,6 +39,7 @@ def _card_sections(recipe: Recipe, summary: RunSummary) -> dict[str, str]:
     return {
         "Stitching cases": cases_markdown(summary),
         "Teachers": teachers_markdown(summary),
+        "Wrong answers by reason": wrong_reasons_markdown(summary),
         "Sampling parameters": sampling,
         "Grader": f"`{summary.grader}`; sandbox for code: `{summary.sandbox}`.",
         "Recipe": f"```yaml\n{recipe_yaml}\n```",

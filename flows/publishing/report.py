@@ -27,6 +27,8 @@ class TeacherSummary:
     tool_calls: int = 0
     tool_errors: int = 0
     truncated: int = 0  # answers cut off by max_tokens
+    wrong_by_reason: dict[str, int] = field(default_factory=dict)  # truncated, tool_limit, no_answer, not_equivalent…
+    graded_by: dict[str, int] = field(default_factory=dict)  # grade_method -> answers
 
     @property
     def accuracy(self) -> float:
@@ -46,6 +48,8 @@ class RunSummary:
     grader: str = ""
     datasets: dict[str, str] = field(default_factory=dict)  # name -> folder
     sent_this_run: dict[str, int] = field(default_factory=dict)  # requests that reached an endpoint now
+    # answers replayed from the journal although they were asked with another max_tokens
+    reused_across_budget: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -76,6 +80,10 @@ def summarise(
         s.tool_calls += t.tool_calls
         s.tool_errors += t.tool_errors
         s.truncated += int(t.finish_reason == "length")
+        s.graded_by[t.grade_method] = s.graded_by.get(t.grade_method, 0) + 1
+        if not t.correct:
+            reason = t.grade_reason.split(":", 1)[0]
+            s.wrong_by_reason[reason] = s.wrong_by_reason.get(reason, 0) + 1
     return RunSummary(run_name, problems, len(composites), len(rejected), dict(cases), teachers)
 
 
@@ -96,8 +104,26 @@ def teachers_markdown(summary: RunSummary) -> str:
     return "\n".join([head, *rows])
 
 
+def wrong_reasons_markdown(summary: RunSummary) -> str:
+    """Why answers were graded wrong, per teacher (trace flags such as `truncated` included)."""
+    reasons = sorted({r for t in summary.teachers.values() for r in t.wrong_by_reason})
+    if not reasons:
+        return "No answer was graded wrong."
+    head = "| teacher | " + " | ".join(f"`{r}`" for r in reasons) + " |\n|---|" + "---|" * len(reasons)
+    rows = [f"| {role} | " + " | ".join(str(t.wrong_by_reason.get(r, 0)) for r in reasons) + " |"
+            for role, t in summary.teachers.items()]
+    methods = "; ".join(
+        f"{role}: " + ", ".join(f"{m} {n}" for m, n in sorted(t.graded_by.items())) for role, t in summary.teachers.items()
+    )
+    return "\n".join([head, *rows]) + f"\n\nDecided by (`grade_method`): {methods}."
+
+
 def _sent(summary: RunSummary) -> str:
     return ", ".join(f"{role} {count}" for role, count in summary.sent_this_run.items()) or "none"
+
+
+def _reused(summary: RunSummary) -> str:
+    return ", ".join(f"{role} {count}" for role, count in summary.reused_across_budget.items()) or "none"
 
 
 def summary_markdown(summary: RunSummary) -> str:
@@ -106,8 +132,10 @@ def summary_markdown(summary: RunSummary) -> str:
         f"# DualDistill run `{summary.run_name}`\n\n"
         f"{summary.problems} problems → {summary.composites} composites, {summary.rejected} rejected pairs "
         f"in {summary.wall_s:.1f} s (sandbox: {summary.sandbox}; grader: {summary.grader}). "
-        f"Requests sent by this run: {_sent(summary)}.\n\n"
+        f"Requests sent by this run: {_sent(summary)}; answers reused across a max_tokens change: "
+        f"{_reused(summary)}.\n\n"
         f"## Stitching cases\n\n{cases_markdown(summary)}\n\n"
         f"## Teachers\n\n{teachers_markdown(summary)}\n\n"
+        f"## Wrong answers by reason\n\n{wrong_reasons_markdown(summary)}\n\n"
         + (f"## Datasets\n\n{datasets}\n" if datasets else "")
     )

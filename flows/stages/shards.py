@@ -16,7 +16,10 @@ from collections.abc import Sequence
 from flows.grading import Grader
 from flows.teachers.reasoning import ReasoningTeacher
 from flows.teachers.tool import ToolTeacher
-from schemas.records import GradedTrajectory, Problem, Trajectory
+from flows.training.masks import sft_messages, untrained_ranges
+from schemas.records import GradedTrajectory, Problem, Trajectory, Verdict
+
+_THINK_CLOSE = "</think>"
 
 
 class ShardFailed(RuntimeError):
@@ -82,12 +85,35 @@ async def answer_shard(
     return list(results)  # type: ignore[arg-type]
 
 
+def unfinished_trace(trajectory: Trajectory) -> Verdict | None:
+    """A wrong verdict for an answer that never finished, before anything is extracted:
+    text cut by `max_tokens` may hold a half-revised answer, and a value that only
+    appears inside `<think>` is not an answer."""
+    if trajectory.finish_reason == "length":
+        reason = "truncated: cut by max_tokens (finish_reason=length)"
+    elif trajectory.finish_reason == "tool_limit":
+        reason = f"tool_limit: still writing code after {trajectory.tool_calls} runs, no answer"
+    elif _THINK_CLOSE in trajectory.text and not trajectory.text.rsplit(_THINK_CLOSE, 1)[1].strip():
+        reason = "empty_content: the reply held reasoning only, nothing after </think>"
+    else:
+        return None
+    return Verdict(correct=False, extracted=None, reason=reason, method="rule", parse_status="not_needed")
+
+
 def grade_shard(
-    trajectories: Sequence[Trajectory], problems: Sequence[Problem], grader: Grader
+    trajectories: Sequence[Trajectory], problems: Sequence[Problem], grader: Grader, system_prompt: str | None = None
 ) -> list[GradedTrajectory]:
-    gold = {p.id: p.answer for p in problems}
-    verdicts = grader.grade_many([(t.text, gold[t.problem_id]) for t in trajectories])
+    """Grade every answer; each graded row also carries its own SFT `messages`."""
+    by_id = {p.id: p for p in problems}
+    early = [unfinished_trace(t) for t in trajectories]
+    pending = [(t.text, by_id[t.problem_id].answer) for t, v in zip(trajectories, early, strict=True) if v is None]
+    graded = iter(grader.grade_many(pending))
+    verdicts = [v if v is not None else next(graded) for v in early]
     return [
-        GradedTrajectory(**t.model_dump(), correct=v.correct, extracted=v.extracted, grade_reason=v.reason)
+        GradedTrajectory(
+            **t.model_dump(), correct=v.correct, extracted=v.extracted, grade_reason=v.reason,
+            grade_method=v.method, parse_status=v.parse_status,
+            messages=sft_messages(by_id[t.problem_id].problem, t.text, untrained_ranges(t.tool_spans), system_prompt),
+        )
         for t, v in zip(trajectories, verdicts, strict=True)
     ]

@@ -7,10 +7,12 @@
 | 0  | 1  | y1 + correction + y2               | second_corrects  |
 | 0  | 0  | dropped, kept in rejected/         | both_wrong       |
 
-When y2 follows y1, y1's `<answer>` tags are unwrapped (its content stays), so a
-composite holds exactly one `<answer>` block: the final one. In `second_corrects`
-everything before the transition is the failed attempt: `mask_until` counts
-those characters so training never imitates them.
+When y2 follows y1, y1's `<answer>` tags are unwrapped (its content stays; tags that a
+program printed inside `<executor>` stay as they are), so a composite holds exactly one
+`<answer>` block: the final one. In `second_corrects` everything before the transition
+is the failed attempt: `mask_until` counts those characters so training never imitates
+them. The assistant turn of `messages` carries `train_detail` (flows/training/masks.py):
+besides that failed attempt, executor output and failed code blocks are not trained.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from collections.abc import Iterable
 from typing import Literal
 
 from flows.inputs.prompts import PromptFile
-from schemas.records import CaseLabel, Composite, GradedTrajectory, Problem, Rejected, TeacherRole
+from flows.training.masks import Range, sft_messages, untrained_ranges
+from schemas.records import CaseLabel, Composite, GradedTrajectory, Problem, Rejected, TeacherRole, ToolSpan
 
 Order = Literal["tool_first", "reasoning_first", "random", "both"]
 SEPARATOR = "\n\n"
@@ -73,15 +76,18 @@ def stitch_pair(
         )
     if case == "first_correct":
         transition, text, mask_until = "", first.text, 0
+        untrained = untrained_ranges(first.tool_spans)
     else:
         transition = transition_for(transitions, case, first.teacher)
-        head = _ANSWER_TAGS.sub("", first.text).rstrip() + SEPARATOR
+        unwrapped, first_spans = unwrap_answers(first.text, first.tool_spans)
+        head = unwrapped.rstrip() + SEPARATOR
         text = head + transition + SEPARATOR + second.text
         mask_until = len(head) if case == "second_corrects" else 0
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": problem.problem},
-        {"role": "assistant", "content": text},
-    ]
+        offset = len(text) - len(second.text)
+        untrained = [(0, mask_until)] + untrained_ranges(first_spans) + [
+            (start + offset, end + offset) for start, end in untrained_ranges(second.tool_spans)
+        ]
+    messages = sft_messages(problem.problem, text, untrained, system_prompt)
     return Composite(
         id=problem.id, problem=problem.problem, answer=problem.answer,
         first_teacher=first.teacher, second_teacher=second.teacher,
@@ -89,6 +95,24 @@ def stitch_pair(
         text=text, messages=messages, mask_until=mask_until,
         first_model=first.model, second_model=second.model,
     )
+
+
+def unwrap_answers(text: str, spans: list[ToolSpan]) -> tuple[str, list[ToolSpan]]:
+    """`text` without its `<answer>` tags outside code and executor blocks, and the spans
+    moved to match."""
+    removed: list[Range] = [
+        m.span() for m in _ANSWER_TAGS.finditer(text) if not any(s.start <= m.start() < s.end for s in spans)
+    ]
+
+    def moved(position: int) -> int:
+        return position - sum(end - start for start, end in removed if end <= position)
+
+    kept, position = [], 0
+    for start, end in removed:
+        kept.append(text[position:start])
+        position = end
+    kept.append(text[position:])
+    return "".join(kept), [s.model_copy(update={"start": moved(s.start), "end": moved(s.end)}) for s in spans]
 
 
 def stitch_shard(

@@ -25,7 +25,7 @@ from flows.models.client import ChatResponse, ModelClient, ToolCall
 from flows.models.journal import RequestJournal, request_key
 from flows.inputs.prompts import PromptFile
 from flows.execution.sandbox import Sandbox
-from schemas.records import Problem, Trajectory
+from schemas.records import Problem, ToolSpan, Trajectory
 
 _CODE_TAG = re.compile(r"<code>\s*\n?(.*?)(?:</code>|\Z)", re.DOTALL)
 _FENCE = re.compile(r"```(?:python|py)[ \t]*\n(.*?)```", re.DOTALL)
@@ -72,7 +72,14 @@ def find_code(text: str) -> CodeBlock | None:
 
 @dataclass
 class _Progress:
+    """What a trajectory has so far: its text (parts joined by newlines), where its code
+    and executor blocks sit, the code that ran cleanly (replayed before the next block so
+    state carries over), and its counters."""
+
     parts: list[str] = dataclasses.field(default_factory=list)
+    length: int = 0  # len("\n".join(parts))
+    spans: list[ToolSpan] = dataclasses.field(default_factory=list)
+    history: list[str] = dataclasses.field(default_factory=list)
     requests: int = 0
     replayed: int = 0
     prompt_tokens: int = 0
@@ -87,6 +94,29 @@ class _Progress:
         self.prompt_tokens += response.prompt_tokens
         self.completion_tokens += response.completion_tokens
         self.latency_s += 0.0 if response.replayed else response.latency_s
+
+    def write(self, text: str) -> int:
+        """Append a part (empty ones are skipped); returns where it starts in the text."""
+        if not text:
+            return self.length
+        start = self.length + (1 if self.parts else 0)
+        self.parts.append(text)
+        self.length = start + len(text)
+        return start
+
+    def write_run(self, lead: str, code: str, output: str, failed: bool) -> None:
+        """Reasoning before the block, the block, and its executor output, with their spans."""
+        self.write(lead.rstrip())
+        code_block = f"<code>\n{code}\n</code>"
+        start = self.write(code_block)
+        self.spans.append(ToolSpan(kind="code", start=start, end=start + len(code_block), failed=failed))
+        output_block = executor_block(output)
+        start = self.write(output_block)
+        self.spans.append(ToolSpan(kind="executor", start=start, end=start + len(output_block), failed=failed))
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.parts)
 
 
 @dataclass
@@ -111,7 +141,7 @@ class ToolTeacher:
             problem_id=problem.id,
             teacher="tool",
             model=self.client.model,
-            text="\n".join(part for part in progress.parts if part),
+            text=progress.text,
             finish_reason=finish,
             prompt_tokens=progress.prompt_tokens,
             completion_tokens=progress.completion_tokens,
@@ -120,6 +150,7 @@ class ToolTeacher:
             tool_calls=progress.tool_calls,
             tool_errors=progress.tool_errors,
             latency_s=round(progress.latency_s, 4),
+            tool_spans=progress.spans,
         )
 
     async def _solve_with_tags(self, messages: list[dict], progress: _Progress, shard: str, sample: int) -> str:
@@ -129,14 +160,14 @@ class ToolTeacher:
             progress.count(response)
             block = find_code(response.content)
             if block is None or response.finish_reason == "length":
-                progress.parts.append(response.content.strip())
+                progress.write(response.content.strip())
                 return response.finish_reason
             if progress.tool_calls >= self.max_tool_calls:
-                progress.parts.append(block.prefix.strip())
+                progress.write(block.prefix.strip())
                 return "tool_limit"
-            output = await self._execute(block.code, progress, shard)
+            output, failed = await self._execute(block.code, progress, shard)
             executor_turn = self.prompt.render("executor", output=output).strip()
-            progress.parts += [block.as_tags(), executor_block(output)]
+            progress.write_run(block.prefix, block.code, output, failed)
             messages = [*messages, {"role": "assistant", "content": block.as_tags()},
                         {"role": "user", "content": self._with_limit_notice(executor_turn, progress)}]
 
@@ -147,16 +178,17 @@ class ToolTeacher:
                 messages, self.params, sample=sample, shard=shard, tools=None if at_limit else [PYTHON_TOOL]
             )
             progress.count(response)
-            progress.parts.append(response.content.strip())
+            progress.write(response.content.strip())
             if not response.tool_calls or at_limit or response.finish_reason == "length":
                 return response.finish_reason
             messages = [*messages, _assistant_tool_turn(response)]
             for call in response.tool_calls:
                 code = _code_argument(call)
-                output = await self._execute(code, progress, shard) if code is not None else (
-                    f"Error: the python tool needs a JSON object with a `code` string, got {call.arguments[:200]!r}"
-                )
-                progress.parts += [f"<code>\n{code or ''}\n</code>", executor_block(output)]
+                if code is None:
+                    output, failed = _bad_arguments(call), True
+                else:
+                    output, failed = await self._execute(code, progress, shard)
+                progress.write_run("", code or "", output, failed)
                 messages.append({"role": "tool", "tool_call_id": call.id, "content": output})
             if progress.tool_calls >= self.max_tool_calls:
                 notice = self.prompt.render("tool_limit", max_tool_calls=self.max_tool_calls)
@@ -167,16 +199,22 @@ class ToolTeacher:
             return executor_turn
         return executor_turn + "\n" + self.prompt.render("tool_limit", max_tool_calls=self.max_tool_calls)
 
-    async def _execute(self, code: str, progress: _Progress, shard: str) -> str:
-        key = request_key("exec", {"code": code, "limits": dataclasses.asdict(self.sandbox.limits)})
+    async def _execute(self, code: str, progress: _Progress, shard: str) -> tuple[str, bool]:
+        """Run a block after replaying the trajectory's earlier clean blocks; (output, failed)."""
+        payload: dict[str, Any] = {"code": code, "limits": dataclasses.asdict(self.sandbox.limits)}
+        if progress.history:  # absent for a first block: its key is the same as before sessions existed
+            payload["history"] = progress.history
+        key = request_key("exec", payload)
         cached = self.journal.get(key)
         if cached is None:
-            result = await self.sandbox.run(code)
+            result = await self.sandbox.run(code, history=tuple(progress.history))
             cached = {"output": result.output, "failed": result.failed}
             self.journal.record(shard, key, cached)
         progress.tool_calls += 1
         progress.tool_errors += int(cached["failed"])
-        return cached["output"].rstrip("\n")
+        if not cached["failed"]:
+            progress.history.append(code)
+        return cached["output"].rstrip("\n"), bool(cached["failed"])
 
 
 def executor_block(output: str) -> str:
@@ -193,6 +231,10 @@ def _assistant_tool_turn(response: ChatResponse) -> dict[str, Any]:
             for call in response.tool_calls
         ],
     }
+
+
+def _bad_arguments(call: ToolCall) -> str:
+    return f"Error: the python tool needs a JSON object with a `code` string, got {call.arguments[:200]!r}"
 
 
 def _code_argument(call: ToolCall) -> str | None:

@@ -1,0 +1,1 @@
+"""What training reads from our rows: loss-mask spans (`masks`) and tokenised labels (`labels`)."""
