@@ -128,11 +128,14 @@ def _print_table(rows: list[Row], pairs: int) -> None:
 
 
 def _print_reasons(verdicts: list[Verdict]) -> None:
-    reasons = collections.Counter(v.reason.split(":")[0] for v in verdicts)
     print(f"\ncorrect: {sum(v.correct for v in verdicts) / len(verdicts):.1%}")
-    print(f"{'reason':<28} {'count':>7}")
-    for reason, count in reasons.most_common():
-        print(f"{reason:<28} {count:>7,}")
+    for title, counts in (
+        ("reason", collections.Counter(v.reason.split(":")[0] for v in verdicts)),
+        ("method", collections.Counter(v.method for v in verdicts)),
+    ):
+        print(f"\n{title:<28} {'count':>7}")
+        for name, count in counts.most_common():
+            print(f"{name:<28} {count:>7,}")
 
 
 def main() -> None:
@@ -161,7 +164,7 @@ def main() -> None:
     load = os.getloadavg()[0]
     checks = [c for c in (compare._prepare(r, g) for r, g in pairs) if isinstance(c, compare._Check)]
     print(f"{len(pairs):,} pairs, {megabytes:.1f} MB of responses, CPU {cpu}, load {load:.1f}")
-    print(f"left to math-verify: {len(checks):,} pairs, {len({c.key for c in checks}):,} unique\n")
+    print(f"left to sympy: {len(checks):,} pairs, {len({c.key for c in checks}):,} unique\n")
     _print_table(rows, len(pairs))
     assert all(row.verdicts == rows[0].verdicts for row in rows), "modes disagree"
     _print_reasons(rows[0].verdicts)

@@ -285,6 +285,173 @@ def test_verdict_always_carries_extracted_and_reason() -> None:
     assert verdict.extracted == "\\frac{1}{2}" and verdict.reason
 
 
+# --------------------------------------------------------------------------- exact numbers
+
+TWO_100 = "1267650600228229401496703205376"  # 2^100
+TWO_100_PLUS_1 = "1267650600228229401496703205377"
+
+
+@pytest.mark.parametrize(
+    ("answer", "gold"),
+    [
+        # math-verify 0.9 alone graded each of these RIGHT: it compares with a tolerance
+        ("\\frac{1}{2^{101}}", "\\frac{1}{2^{100}}"),
+        ("-\\frac{1}{2^{100}}", "-\\frac{1}{2^{101}}"),
+        ("\\frac{1}{100!}", "\\frac{1}{100!+1}"),
+        ("\\frac{1}{10^{30}}", "\\frac{1}{10^{30}+1}"),
+        ("10^{-30}", "10^{-31}"),
+        ("10^{30}+10^{-30}", "10^{30}"),
+        ("\\sqrt{10^{40}+1}", "10^{20}"),
+        ("\\sqrt{10^{40}+1}", "\\sqrt{10^{40}}"),
+        ("\\sqrt{2}\\cdot 10^{-50}", "\\sqrt{3}\\cdot 10^{-50}"),
+        ("\\sqrt{5+2\\sqrt{6}}+10^{-40}", "\\sqrt{2}+\\sqrt{3}"),
+        ("\\frac{\\pi}{10^{30}}", "\\frac{\\pi}{10^{30}+1}"),
+        ("(\\frac{1}{2^{101}}, 1)", "(\\frac{1}{2^{100}}, 1)"),  # open interval or pair
+        ("[\\frac{1}{2^{101}}, 1]", "[\\frac{1}{2^{100}}, 1]"),
+        ("(\\frac{1}{2^{101}}, 1]", "(\\frac{1}{2^{100}}, 1]"),
+        ("\\{\\frac{1}{2^{101}}, 1\\}", "\\{\\frac{1}{2^{100}}, 1\\}"),
+        ("\\frac{1}{2^{101}}, 1", "\\frac{1}{2^{100}}, 1"),
+        ("\\{2^{-101}\\}", "2^{-100}"),
+        ("\\frac{1}{2^{102}}, \\frac{1}{2^{101}}", "(\\frac{1}{2^{100}}, \\frac{1}{2^{101}})"),
+        # math-verify alone already graded these wrong; they must stay wrong
+        (TWO_100_PLUS_1, "2^{100}"),
+        ("2^{100}", TWO_100_PLUS_1),
+        ("2^{100}+1", "2^{100}"),
+        ("3^{100}", "3^{100}+1"),
+        ("100!+1", "100!"),
+        ("100!", "100!+1"),
+        ("1000!", "1000!+1"),
+        ("10^{30}+1", "10^{30}"),
+        ("1000000000000000000000000000001", "10^{30}"),
+        ("12345678901234567890123456789012345678901", "12345678901234567890123456789012345678900"),
+        ("\\binom{60}{30}+1", "\\binom{60}{30}"),
+        ("118264581564861425", "\\binom{60}{30}"),
+        ("\\binom{100}{50}", "\\binom{100}{50}+1"),
+        ("\\frac{1}{\\binom{60}{30}}", "\\frac{1}{\\binom{60}{30}+1}"),
+        ("\\frac{2^{100}+1}{3}", "\\frac{2^{100}}{3}"),
+        ("1+\\frac{1}{2^{100}}", "1"),
+        ("\\frac{1}{2^{100}}", "0"),
+        ("\\sqrt{2}\\cdot 10^{50}+1", "\\sqrt{2}\\cdot 10^{50}"),
+        ("141421356237309504880168872420969807856967187537694", "\\sqrt{2}\\cdot 10^{50}"),
+        ("-2^{100}", "-" + TWO_100_PLUS_1),
+        ("-10^{30}-1", "-10^{30}"),
+        ("(2^{100}, 1)", f"({TWO_100_PLUS_1}, 1)"),
+        ("(10^{30}, 1)", "(10^{30}+1, 1)"),
+        ("\\{2^{100}, 1\\}", f"\\{{{TWO_100_PLUS_1}, 1\\}}"),
+        ("2^{100}, 1", f"{TWO_100_PLUS_1}, 1"),
+        ("[2^{100}, 1]", f"[{TWO_100_PLUS_1}, 1]"),
+        ("2^{10^{6}}", "2^{1000000}+1"),
+    ],
+)
+def test_size_cannot_fool_the_grader(answer: str, gold: str) -> None:
+    verdict = grade(boxed(answer), gold)
+    assert not verdict.correct, verdict
+    assert verdict.reason.startswith("not_equivalent: ")
+    assert (verdict.method, verdict.parse_status) == ("exact", "both")
+
+
+@pytest.mark.parametrize(
+    ("answer", "gold"),
+    [
+        (TWO_100, "2^{100}"),
+        ("2^{100}", TWO_100),
+        ("-" + TWO_100, "-2^{100}"),
+        ("5!", "120"),
+        ("\\frac{1}{1024}", "\\frac{1}{2^{10}}"),
+        ("2^{-10}", "\\frac{1}{1024}"),
+        ("\\sqrt{8}", "2\\sqrt{2}"),
+        ("118264581564861424", "\\binom{60}{30}"),
+        ("\\frac{100!}{98!}", "9900"),
+        ("10^{30}+1", "1000000000000000000000000000001"),
+        ("\\sqrt{2}\\cdot 10^{50}", "10^{50}\\sqrt{2}"),
+        ("\\sqrt{5+2\\sqrt{6}}", "\\sqrt{2}+\\sqrt{3}"),
+        ("\\frac{1}{\\sqrt{3}-1}", "\\frac{\\sqrt{3}+1}{2}"),
+        ("\\sqrt[3]{2}\\sqrt[3]{4}", "2"),
+        ("\\frac{2\\pi}{4}", "\\frac{\\pi}{2}"),
+        ("(2^{100}, 1)", f"({TWO_100}, 1)"),
+        (f"1, {TWO_100}", "\\{2^{100}, 1\\}"),
+        ("\\{5\\}", "5"),
+        ("2^{10^{6}}", "2^{1000000}"),
+    ],
+)
+def test_exact_equalities_stay_right(answer: str, gold: str) -> None:
+    verdict = grade(boxed(answer), gold)
+    assert verdict.correct, verdict
+    assert (verdict.reason, verdict.method, verdict.parse_status) == (
+        "equivalent: exact",
+        "exact",
+        "both",
+    )
+
+
+@pytest.mark.parametrize(
+    ("answer", "gold", "correct"),
+    [
+        ("0.333333", "\\frac{1}{3}", True),  # a decimal: math-verify's rounding decides
+        ("\\frac{1}{3}", "0.333333", True),
+        ("0.3333333333", "\\frac{1}{3}", True),
+        ("1.0000000000000000001", "1", False),
+        ("0.5, 2^{100}", "\\frac{1}{2}, 2^{100}", True),
+        ("2x", "x+x", True),  # a symbol
+        ("e^{2}", "e\\cdot e", True),  # exp() is not among the exact forms
+        ("(1, 2)", "2, 1", True),  # a pair against a set: math-verify picks the order
+        ("2, 1", "(1, 2)", False),
+        ("2^{-100}, 2^{-101}", "(2^{-100}, 2^{-101})", True),
+    ],
+)
+def test_math_verify_decides_decimals_symbols_and_order(
+    answer: str, gold: str, correct: bool
+) -> None:
+    verdict = grade(boxed(answer), gold)
+    assert verdict.correct is correct, verdict
+    assert (verdict.method, verdict.parse_status) == ("math_verify", "both")
+
+
+def test_exact_evaluation_refuses_huge_values() -> None:
+    from sympy import Integer, Pow, Rational, factorial
+
+    from flows.grading.exact import exact_value
+
+    nine_nines = Pow(Integer(9), Integer(9), evaluate=False)
+    assert exact_value(Pow(Integer(9), nine_nines, evaluate=False)) is None
+    assert exact_value(factorial(Integer(10**6), evaluate=False)) is None
+    assert exact_value(Pow(Integer(3) ** 5000 + 1, Rational(1, 2), evaluate=False)) is None
+    assert exact_value(Pow(Integer(1), Integer(10**100), evaluate=False)) == 1
+    assert exact_value(Pow(Integer(0), Integer(-1), evaluate=False)) is None  # zoo
+
+
+# ------------------------------------------------------------------------ verdict methods
+
+
+@pytest.mark.parametrize(
+    ("response", "gold", "method", "parse_status"),
+    [
+        ("no answer", "5", "rule", "not_needed"),
+        ("<think>cut off", "5", "rule", "not_needed"),
+        ("<answer></answer>", "5", "rule", "not_needed"),
+        ("<answer>$$</answer>", "5", "rule", "not_needed"),
+        ("<answer>Solution:</answer>", "5", "rule", "not_needed"),
+        (boxed("5"), "$$", "rule", "not_needed"),
+        ("<answer>x = " + "1+" * 5000 + "1</answer>", "5", "rule", "not_needed"),
+        (boxed("12,345"), "12345", "normalised_string", "not_needed"),
+        (boxed("\\frac{12}{36}"), "1/3", "exact", "both"),
+        (boxed("10"), "1", "exact", "both"),
+        (boxed("0.5"), "\\frac{1}{2}", "exact", "both"),
+        (boxed("2\\sqrt{3}"), "\\sqrt{12}", "exact", "both"),
+        (boxed("2x"), "x+x", "math_verify", "both"),
+        # math-verify reads these as strings, not values
+        ("<answer>\\frac{1}</answer>", "x", "math_verify", "answer_failed"),
+        (boxed("x"), "\\frac{1}", "math_verify", "gold_failed"),
+        ("<answer>1+</answer>", "\\frac{1}", "math_verify", "neither"),
+    ],
+)
+def test_every_verdict_names_its_rule(
+    response: str, gold: str, method: str, parse_status: str
+) -> None:
+    verdict = grade(response, gold)
+    assert (verdict.method, verdict.parse_status) == (method, parse_status), verdict
+
+
 # --------------------------------------------------------------------------------- threads
 
 
@@ -297,6 +464,8 @@ def test_grade_works_from_a_worker_thread() -> None:
         try:
             results.append(grade(boxed("2\\sqrt{3}"), "\\sqrt{12}"))
             results.append(grade(boxed("\\{2, 1\\}"), "1,2"))
+            results.append(grade(boxed("0.333333"), "1/3"))
+            results.append(grade(boxed("2x"), "x+x"))
         except BaseException as error:  # noqa: BLE001 - reported below
             errors.append(error)
 
@@ -304,7 +473,12 @@ def test_grade_works_from_a_worker_thread() -> None:
     thread.start()
     thread.join(timeout=30)
     assert not errors
-    assert [v.reason for v in results] == ["equivalent: math_verify", "equivalent: math_verify"]
+    assert [v.reason for v in results] == [
+        "equivalent: exact",
+        "equivalent: exact",
+        "equivalent: math_verify",
+        "equivalent: math_verify",
+    ]
 
 
 def test_grader_works_from_a_worker_thread() -> None:
@@ -355,6 +529,7 @@ def test_grader_times_out_a_hanging_item_and_grades_the_rest(pool_grader: Grader
     assert [v.correct for v in verdicts] == [True, False, False, True, False, True, False]
     assert verdicts[4].reason == "grader_timeout: no result within 1 s"
     assert verdicts[4].extracted == "9^{9^{9}}"
+    assert (verdicts[4].method, verdicts[4].parse_status) == ("grader_error", "not_needed")
     assert [v.reason.split(":")[0] for v in verdicts] == [
         "equivalent",
         "not_equivalent",
@@ -366,7 +541,7 @@ def test_grader_times_out_a_hanging_item_and_grades_the_rest(pool_grader: Grader
     ]
     # the restarted worker keeps grading
     after = pool_grader.grade_many([(boxed("\\sqrt{8}"), "2\\sqrt{2}")])
-    assert after[0].reason == "equivalent: math_verify"
+    assert after[0].reason == "equivalent: exact"
 
 
 def test_grader_survives_a_worker_crash(pool_grader: Grader) -> None:
@@ -378,7 +553,9 @@ def test_grader_survives_a_worker_crash(pool_grader: Grader) -> None:
     ]
     verdicts = pool_grader.grade_many(pairs)
     assert verdicts[1].reason == "grader_crash: worker process died"
+    assert verdicts[1].method == "grader_error"
     assert [v.correct for v in verdicts] == [True, False, True, False]
+    assert [v.method for v in verdicts] == ["exact", "grader_error", "math_verify", "math_verify"]
 
 
 def test_grader_rejects_bad_settings() -> None:
@@ -388,12 +565,32 @@ def test_grader_rejects_bad_settings() -> None:
         Grader(timeout_s=0)
 
 
+def raise_on_everything(answer: str, gold: str) -> tuple[bool | None, str]:
+    raise ZeroDivisionError
+
+
+def test_a_crash_in_process_is_a_grader_error() -> None:
+    with Grader(workers=0, equivalence=raise_on_everything) as grader:
+        [verdict] = grader.grade_many([(boxed("2x"), "x+x")])
+    assert verdict == Verdict(
+        correct=False,
+        extracted="2x",
+        reason="grader_error: ZeroDivisionError",
+        method="grader_error",
+        parse_status="not_needed",
+    )
+
+
 def test_math_equivalent_reports_unparseable_input() -> None:
-    assert math_equivalent("}{", "1") == (False, "answer did not parse")
+    answer_failed = (False, "answer did not parse", "math_verify", "answer_failed")
+    assert math_equivalent("}{", "1") == answer_failed
+    assert math_equivalent("1", "}{") == (False, "gold did not parse", "math_verify", "gold_failed")
+    neither = (False, "neither answer nor gold parsed", "math_verify", "neither")
+    assert math_equivalent("}{", "}}") == neither
 
 
 def test_version_names_math_verify() -> None:
-    assert GRADER_VERSION.startswith("distillery-grader/1 + math-verify 0.9")
+    assert GRADER_VERSION.startswith("distillery-grader/2 + math-verify 0.9")
 
 
 # ------------------------------------------------------------------------------------ JSONL
@@ -407,15 +604,17 @@ def test_grade_jsonl_round_trip() -> None:
     ]
     lines = [json.dumps(rows[0]), "", json.dumps(rows[1]), "   ", json.dumps(rows[2])]
     out = [json.loads(line) for line in grade_jsonl(lines, "data.jsonl", workers=0, batch_size=2)]
+    added = ["correct", "extracted", "grade_method", "parse_status"]
     assert [list(row) for row in out] == [
-        ["id", "answer", "response", "extra", "correct", "extracted", "reason"],
-        ["id", "response", "answer", "correct", "extracted", "reason"],
-        ["id", "answer", "response", "reason", "correct", "extracted"],
+        ["id", "answer", "response", "extra", "correct", "extracted", "reason", *added[2:]],
+        ["id", "response", "answer", "correct", "extracted", "reason", *added[2:]],
+        ["id", "answer", "response", "reason", *added],
     ]
     assert [row["correct"] for row in out] == [False, True, True]
     assert out[0]["extracted"] == "10" and out[0]["reason"] == "not_equivalent: 10 vs 1"
     assert out[0]["extra"] == [1, 2]
-    assert out[2]["reason"] == "equivalent: math_verify"
+    assert out[2]["reason"] == "equivalent: exact"
+    assert [(row["grade_method"], row["parse_status"]) for row in out] == [("exact", "both")] * 3
 
 
 LINE_3 = "data.jsonl line 3"

@@ -1,10 +1,12 @@
 """Grade teacher answers against gold answers.
 
 In: a teacher's tagged response text and the problem's gold answer.
-Out: a `Verdict` — correct or not, the answer that was extracted, and a reason whose
+Out: a `Verdict` — correct or not, the answer that was extracted, a reason whose
 snake_case prefix can be grepped (`no_answer`, `truncated`, `empty_answer`,
 `master_key`, `equal_after_normalisation`, `equivalent`, `not_equivalent`,
-`grader_timeout`, ...).
+`grader_timeout`, `grader_crash`, `grader_error`, ...), the rule that decided (`method`:
+`rule`, `normalised_string`, `exact`, `math_verify`, `grader_error`) and whether both
+sides were parsed as values (`parse_status`).
 Run: `distillery grade FILE.jsonl` (see `grade_jsonl`).
 
 Extraction order, and why
@@ -29,16 +31,24 @@ The reference code counted an answer as correct when the gold was a *substring* 
 - Both sides are normalised (thousands separators, leading zeros, units, `\\$`, `%`,
   `\\dfrac`, `x = …`, surrounding `$`, trailing period); equal strings are correct.
 - Integers and fractions are compared exactly as rationals.
-- Everything else goes to math-verify (sympy). Its own timeouts use `signal.alarm`,
-  which fails outside the main thread, so they are switched off: `grade` is safe in any
-  thread but unbounded in time, and `Grader` bounds it by running math-verify in worker
-  processes that it kills and restarts when one answer takes too long.
+- Everything else is parsed by math-verify (sympy). When both sides are exact numbers —
+  integers, rationals, pi and e combined by arithmetic, powers, roots, factorials and
+  binomials, or tuples, intervals and sets of them — equality is decided by exact
+  arithmetic (`exact`). math-verify's own comparison has a float tolerance, so size could
+  fool it: 1/2^100 "equals" 1/2^101, √(10^40+1) "equals" 10^20. math-verify decides only
+  when a decimal, a symbol or another kind of value is involved, or a number too large
+  to evaluate such as 9^(9^9); its rounding is what makes 0.333333 equal 1/3.
+- math-verify's timeouts use `signal.alarm`, which fails outside the main thread, so
+  they are switched off: `grade` is safe in any thread but unbounded in time, and
+  `Grader` bounds it by running the comparison in worker processes that it kills and
+  restarts when one answer takes too long.
 
 Modules
 -------
 `extraction` (the final answer), `normalisation` (canonical strings, master keys, exact
-rationals), `compare` (`grade`: cheap rules, then math-verify), `workers` (the worker
-processes), `grader` (`Grader`, batches), `jsonl` (`grade_jsonl`, `GradeInputError`).
+rationals), `exact` (exact comparison of parsed numbers), `compare` (`grade`: cheap
+rules, then sympy), `workers` (the worker processes), `grader` (`Grader`, batches),
+`jsonl` (`grade_jsonl`, `GradeInputError`).
 Their public names (and the internals the bench uses) are importable from here.
 """
 

@@ -21,7 +21,7 @@ from schemas.records import Verdict
 
 
 class Grader:
-    """Grades batches; math-verify runs in `workers` processes, each answer bounded in time.
+    """Grades batches; sympy comparisons run in `workers` processes, each bounded in time.
 
     `Grader(workers=0)` grades in this process with no time bound (tests, tiny inputs).
     Extraction and the cheap rules run in the calling thread; only the comparisons they

@@ -17,7 +17,8 @@ def grade_jsonl(
     lines: Iterable[str], source: str = "<stdin>", *, workers: int = 1, batch_size: int = 4096
 ) -> Iterator[str]:
     """Grade JSON lines holding `answer` (gold) and `response`; yield them with
-    `correct`, `extracted` and `reason` added, every other key kept in its order.
+    `correct`, `extracted`, `reason`, `grade_method` and `parse_status` added (see
+    `Verdict`), every other key kept in its order.
 
     Blank lines are skipped. A bad line raises GradeInputError naming the source, the
     1-based line number and the field; lines of earlier batches have been yielded by then.
@@ -56,5 +57,11 @@ def _read_row(line: str, source: str, number: int) -> dict[str, Any]:
 def _graded_lines(grader: Grader, rows: list[dict[str, Any]]) -> Iterator[str]:
     verdicts = grader.grade_many([(row["response"], row["answer"]) for row in rows])
     for row, verdict in zip(rows, verdicts, strict=True):
-        row.update(correct=verdict.correct, extracted=verdict.extracted, reason=verdict.reason)
+        row.update(
+            correct=verdict.correct,
+            extracted=verdict.extracted,
+            reason=verdict.reason,
+            grade_method=verdict.method,
+            parse_status=verdict.parse_status,
+        )
         yield json.dumps(row, ensure_ascii=False)

@@ -23,6 +23,7 @@ _WORKER_BOOT = (
     "_worker_main(int(sys.argv[1]), int(sys.argv[2]))"
 )
 _READY = "ready"
+_WARM_UP = (("1", "1"), ("2x", "x+x"))  # one exact comparison, one by math-verify
 _STARTUP_TIMEOUT_S = 120.0
 
 
@@ -33,7 +34,8 @@ def _worker_main(inbox_fd: int, outbox_fd: int) -> None:
     inbox = Connection(inbox_fd, writable=False)
     outbox = Connection(outbox_fd, readable=False)
     equivalence = inbox.recv()
-    _run_equivalence(equivalence, "1", "1")  # warm up sympy before the clock runs
+    for answer, gold in _WARM_UP:  # warm up sympy before the clock runs
+        _run_equivalence(equivalence, answer, gold)
     outbox.send(_READY)
     while True:
         try:
@@ -158,7 +160,7 @@ class _Pool:
         """Blame the key the worker was on, restart it, and requeue the rest of its job."""
         assert worker.job is not None
         keys, index = worker.job.keys, worker.job.done
-        results[keys[index]] = (None, reason)
+        results[keys[index]] = Outcome(None, reason, "grader_error", "not_needed")
         if index + 1 < len(keys):
             queue.appendleft(keys[index + 1 :])
         worker.stop(kill=True)
