@@ -1,12 +1,15 @@
 """Throughput of the DualDistill flow against a loopback fake server with fixed latency.
 
     .venv/bin/python bench/bench_dualdistill.py [--problems 2000] [--latency 0.2] [--concurrency 32]
-                                                [--code-share 0.0]
+                                                [--code-share 0.0] [--code-blocks 1] [--stateless]
 
 Both teachers point at one fake OpenAI server that answers every request after
 `--latency` seconds. The tool teacher answers directly (no code) unless
-`--code-share` > 0, in which case that share of its answers run code in the
-sandbox first (a second request per problem). Prints, per teacher endpoint:
+`--code-share` > 0, in which case that share of its answers run `--code-blocks`
+code blocks in the sandbox first (one more request per block); with several blocks
+each uses what the one before defined. `--stateless` drops the replayed history
+(how blocks ran before stateful sessions; later blocks then fail with NameError), to
+compare sandbox time per block. Prints, per teacher endpoint:
 
   rate ratio  = achieved request rate / (concurrency / latency), over the span
                 from that endpoint's first request to its last answer (target ≥ 0.90)
@@ -40,9 +43,10 @@ from flow_helpers import write_recipe  # noqa: E402
 class TimedTeachers:
     """Right answers for `a + b` problems; records each request's start/end per teacher."""
 
-    def __init__(self, rows: list[dict], code_share: float) -> None:
+    def __init__(self, rows: list[dict], code_share: float, code_blocks: int = 1) -> None:
         self.rows = {r["problem"]: r for r in rows}
         self.code_every = round(1 / code_share) if code_share > 0 else 0
+        self.code_blocks = code_blocks
         self.spans: dict[str, list[float]] = {"tool": [], "reasoning": []}  # request arrival times
         self.problems = set(self.rows)
 
@@ -54,9 +58,21 @@ class TimedTeachers:
         if role == "reasoning":
             return Reply(content=f"<answer>\\boxed{{{row['answer']}}}</answer>", reasoning_content="adding up")
         uses_code = self.code_every and row["index"] % self.code_every == 0
-        if uses_code and executor_turns(body, text) == 0:
-            return Reply(content=f"<code>\nprint({row['expr']})\n")
+        block = executor_turns(body, text)
+        if uses_code and block < self.code_blocks:
+            return Reply(content=f"<code>\n{code_block(row['expr'], block, self.code_blocks)}\n")
         return Reply(content=f"So the sum is {row['answer']}.\n<answer>\\boxed{{{row['answer']}}}</answer>")
+
+
+def code_block(expr: str, index: int, blocks: int) -> str:
+    """Block `index` of a chain: the first computes, the middle ones build on it, the last prints."""
+    if blocks == 1:
+        return f"print({expr})"
+    if index == 0:
+        return f"import math\nvalue = {expr}\nprint('computed')"
+    if index < blocks - 1:
+        return f"value = value + math.floor(0.5)\nprint('checked {index}')"
+    return "print(value)"
 
 
 def write_problems(path: Path, count: int) -> list[dict]:
@@ -69,7 +85,7 @@ def write_problems(path: Path, count: int) -> list[dict]:
     return rows
 
 
-def serve(problems: Path, count: int, latency: float, code_share: float) -> None:
+def serve(problems: Path, count: int, latency: float, code_share: float, code_blocks: int) -> None:
     """The fake endpoint, in this separate process: prints its URL, serves until killed.
 
     asyncio (aiohttp.web) rather than the tests' thread-per-connection server, which
@@ -78,7 +94,7 @@ def serve(problems: Path, count: int, latency: float, code_share: float) -> None
     from aiohttp import web
 
     rows = write_problems(problems, count)
-    script = TimedTeachers(rows, code_share)
+    script = TimedTeachers(rows, code_share, code_blocks)
 
     async def chat(request: web.Request) -> web.Response:
         body = await request.json()
@@ -132,11 +148,14 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--shard-size", type=int, default=250)
     parser.add_argument("--code-share", type=float, default=0.0)
+    parser.add_argument("--code-blocks", type=int, default=1)
+    parser.add_argument("--stateless", action="store_true")
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve, args.problems, args.latency, args.code_share)
+        serve(args.serve, args.problems, args.latency, args.code_share, args.code_blocks)
         return
+    block_times = _time_sandbox_blocks(stateless=args.stateless)
 
     from prefect.testing.utilities import prefect_test_harness
 
@@ -147,7 +166,8 @@ def main() -> None:
         problems = tmp_path / "problems.jsonl"
         server = subprocess.Popen(
             [sys.executable, __file__, "--serve", str(problems), "--problems", str(args.problems),
-             "--latency", str(args.latency), "--code-share", str(args.code_share)],
+             "--latency", str(args.latency), "--code-share", str(args.code_share),
+             "--code-blocks", str(args.code_blocks)],
             stdout=subprocess.PIPE, text=True,
         )
         try:
@@ -172,7 +192,8 @@ def main() -> None:
     last_answer = min(max(max(s) for s in spans.values() if s) + args.latency, ended)
     model_span = last_answer - first_request
     print(f"problems: {args.problems}  latency: {args.latency*1000:.0f} ms  concurrency per teacher: "
-          f"{args.concurrency}  code share: {args.code_share:.0%}  shard size: {args.shard_size}")
+          f"{args.concurrency}  code share: {args.code_share:.0%} x {args.code_blocks} block(s)  "
+          f"shard size: {args.shard_size}")
     print(f"{'endpoint':<10} {'requests':>9} {'span s':>8} {'rate/s':>8} {'limit/s':>8} {'ratio':>6}")
     for role, starts in spans.items():
         span = max(starts) + args.latency - min(starts)
@@ -190,6 +211,27 @@ def main() -> None:
           f"fake server {server_cpu:.2f}; per request in the flow process "
           f"{1000 * flow_cpu / sum(len(s) for s in spans.values()):.2f} ms")
     print(f"cases: {summary['cases']}")
+    if block_times:
+        per_block = sorted(block_times)
+        print(f"sandbox time per block ({'stateless' if args.stateless else 'stateful'}, {len(per_block)} blocks): "
+              f"mean {1000 * sum(per_block) / len(per_block):.1f} ms, median {1000 * per_block[len(per_block) // 2]:.1f} ms")
+
+
+def _time_sandbox_blocks(stateless: bool) -> list[float]:
+    """Record each sandbox run's own duration, not its wait for a slot (and drop the
+    history with `stateless`)."""
+    from flows.execution.sandbox import Sandbox
+
+    times: list[float] = []
+    run = Sandbox.run
+
+    async def timed(self, code, history=()):
+        result = await run(self, code, history=() if stateless else history)
+        times.append(result.duration_s)
+        return result
+
+    Sandbox.run = timed
+    return times
 
 
 def _set_teacher_options(recipe: Path, options: dict) -> None:

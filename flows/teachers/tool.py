@@ -9,8 +9,13 @@ has used `max_tool_calls`; then it is told to stop using code and answer.
 Function-calling protocol: the model calls a `python` tool; each call and its
 output are written into the trajectory as the same `<code>`/`<executor>` tags.
 
-Code executions are journaled like model requests, so a rerun replays the exact
-executor output the model saw and the conversation keys stay identical.
+Code keeps its state within a trajectory: each block runs after the trajectory's earlier
+blocks that ran cleanly are replayed silently in the same interpreter, so a function
+defined in one block can be called in the next; a failed block leaves nothing behind.
+Executions are journaled like model requests (keyed by the block and the history it ran
+after), so a rerun replays the exact executor output the model saw and the conversation
+keys stay identical. The trajectory records where every `<code>` and `<executor>` block
+sits (`tool_spans`), which the loss masks are built from.
 """
 
 from __future__ import annotations
