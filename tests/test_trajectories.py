@@ -7,6 +7,7 @@ import json
 
 import pytest
 from fake_openai import FakeOpenAIServer, Reply, executor_turns, problem_text
+from test_teachers import solve
 
 from flows.execution.sandbox import SandboxLimits, SandboxUnavailable, make_sandbox
 from flows.inputs.prompts import load_prompt
@@ -65,15 +66,6 @@ def scripted_blocks(protocol: str):
     return responder, outputs
 
 
-def solve(teacher, problem=PROBLEM) -> Trajectory:
-    async def go():
-        try:
-            return await teacher.solve(problem, shard="s0")
-        finally:
-            await teacher.client.aclose()
-    return asyncio.run(go())
-
-
 def executor_outputs(trajectory: Trajectory) -> list[str]:
     return [trajectory.text[s.start:s.end] for s in trajectory.tool_spans if s.kind == "executor"]
 
@@ -83,7 +75,7 @@ def executor_outputs(trajectory: Trajectory) -> list[str]:
 def test_code_blocks_share_state_and_failed_blocks_leave_none(tmp_path, kind, protocol):
     responder, seen = scripted_blocks(protocol)
     with FakeOpenAIServer(responder) as server:
-        trajectory = solve(stateful_teacher(server, tmp_path, kind, protocol))
+        trajectory = solve(stateful_teacher(server, tmp_path, kind, protocol), PROBLEM)
     outputs = executor_outputs(trajectory)
     assert outputs[0] == "<executor>\ndefined\n</executor>"
     assert outputs[1] == "<executor>\n42\n</executor>"  # state from block 1, and its print not replayed
@@ -103,11 +95,11 @@ def test_code_blocks_share_state_and_failed_blocks_leave_none(tmp_path, kind, pr
 def test_a_rerun_replays_stateful_blocks_from_the_journal(tmp_path):
     responder, _ = scripted_blocks("tags")
     with FakeOpenAIServer(responder) as server:
-        first = solve(stateful_teacher(server, tmp_path, "process", "tags"))
+        first = solve(stateful_teacher(server, tmp_path, "process", "tags"), PROBLEM)
     with FakeOpenAIServer(lambda body: Reply(status=500)) as dead:
         teacher = stateful_teacher(dead, tmp_path, "process", "tags")
         teacher.sandbox.run = None  # any execution would now crash the test
-        again = solve(teacher)
+        again = solve(teacher, PROBLEM)
     assert again.text == first.text and again.tool_spans == first.tool_spans and dead.requests == []
 
 
@@ -318,11 +310,11 @@ def test_raising_max_tool_calls_resends_only_from_the_limit(tmp_path):
     with FakeOpenAIServer(responder) as server:
         teacher = stateful_teacher(server, tmp_path, "process", "tags")
         teacher.max_tool_calls = 1
-        limited = solve(teacher)
+        limited = solve(teacher, PROBLEM)
         assert limited.finish_reason == "tool_limit" and len(server.requests) == 2
         teacher = stateful_teacher(server, tmp_path, "process", "tags")
         teacher.max_tool_calls = 10
-        full = solve(teacher)
+        full = solve(teacher, PROBLEM)
     # the first request is replayed; from the first executor turn on (it had carried the
     # limit notice) every request is new: 4 more code turns' answers and the final answer
     assert full.replayed_requests == 1 and len(server.requests) == 2 + 4
