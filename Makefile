@@ -11,6 +11,9 @@ LLAMA_CPP_VERSION := 0.3.36
 # prompt decoding; AVX2 runs everywhere CI may land and is as fast for a 135M model.
 LLAMA_CMAKE_ARGS  := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 SMOLLM2_VERSION   := 0.1.2
+# torch for the `train` extra: pinned to the CPU wheel these machines carry; a venv that
+# already imports torch (a GPU build) is left as it is. Override: make TORCH_SPEC=torch
+TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
 .PHONY: install run test test-fast bench sandbox-tools clean
@@ -33,7 +36,8 @@ bench: install
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q --disable-pip-version-check '$(TORCH_SPEC)'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,train]'
 	touch $@
 
 # llama.cpp compiles from source (5-10 min on 2 cores): build the wheel once per

@@ -1,6 +1,7 @@
 """The `distillery` command.
 
     distillery run RECIPE.yaml      run the DualDistill flow; rerun the same recipe to resume
+    distillery self-distill RECIPE  run self-distillation rounds on the student's own samples
     distillery grade FILE.jsonl     re-grade lines with `answer` and `response` (JSONL out)
     distillery check RECIPE.yaml    validate a recipe and count its problems, calling no model
     distillery serve RECIPE.yaml    serve the flow as a deployment of the configured Prefect server
@@ -33,7 +34,7 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML, e.g. recipes/demo.
     from schemas.recipe import RecipeError, load_recipe
 
     try:
-        load_recipe(recipe)  # fail on a bad recipe before Prefect starts
+        load_recipe(recipe, job="dualdistill")  # fail on a bad recipe before Prefect starts
     except RecipeError as exc:
         _fail(str(exc))
     from flows.dualdistill import dualdistill
@@ -74,6 +75,48 @@ def _print_summary(summary: dict) -> None:
         out.print(f"[bold]{name}[/]: {path}")
 
 
+@app.command("self-distill")
+def self_distill(recipe: Path = typer.Argument(..., help="recipe YAML, e.g. recipes/self_distill_demo.yaml")) -> None:
+    """Sample K answers per problem from the student, build verification / correction
+    examples by the beta rules, publish each round, and train the next student."""
+    from schemas.recipe import RecipeError, load_recipe
+
+    try:
+        load_recipe(recipe, job="self_distill")
+    except RecipeError as exc:
+        _fail(str(exc))
+    from flows.self_distill import self_distill as self_distill_flow
+
+    try:
+        result = asyncio.run(self_distill_flow(str(recipe)))
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one clear message and exit 1
+        _fail(f"{type(exc).__name__}: {exc}")
+    _print_rounds(result)
+
+
+def _print_rounds(result: dict) -> None:
+    out = Console(width=max(120, Console().width))
+    table = Table("round", "student", "problems", "samples", "pass@1", "pass@K", "distinct", "verification",
+                  "correction", "rejected", "tokens in / out", "time")
+    for r in result["rounds"]:
+        table.add_row(
+            str(r["round"]), r["student"], str(r["problems"]), str(r["samples"]), f"{r['pass_at_1']:.1%}",
+            f"{r['pass_at_k']:.1%}", f"{r['distinct_share']:.0%}", str(r["examples"].get("verification", 0)),
+            str(r["examples"].get("correction", 0)), str(r["rejected"]),
+            f"{r['prompt_tokens']} / {r['completion_tokens']}", f"{r['wall_s']:.1f} s",
+        )
+    out.print(f"\n[bold]self-distillation {result['run_name']}[/]")
+    out.print(table)
+    for r in result["rounds"]:
+        if r["problems_with_duplicates"]:
+            out.print(f"[yellow]round {r['round']}: {r['problems_with_duplicates']} problem(s) got duplicate samples[/]")
+        for name, path in r["datasets"].items():
+            out.print(f"round {r['round']} [bold]{name}[/]: {path}")
+        if r["next_student"]:
+            out.print(f"round {r['round']} trained the next student: {r['next_student']}")
+    out.print(f"accuracy per round: {result['plot']}")
+
+
 @app.command()
 def grade(
     file: Path = typer.Argument(..., help="JSONL with `answer` (gold) and `response` per line; - for stdin"),
@@ -98,10 +141,11 @@ def grade(
 def check(recipe: Path = typer.Argument(..., help="recipe YAML")) -> None:
     """Validate a recipe and its problem source without calling any model."""
     from flows.inputs.problems import ProblemSourceError, load_problems
-    from schemas.recipe import RecipeError, load_recipe
+    from schemas.recipe import RecipeError, check_job, load_recipe
 
     try:
         loaded = load_recipe(recipe)
+        check_job(loaded, "self_distill" if loaded.self_distill else "dualdistill", str(recipe))
         problems = load_problems(loaded.problems)
     except (RecipeError, ProblemSourceError) as exc:
         _fail(str(exc))
@@ -120,7 +164,7 @@ def serve(
     from schemas.recipe import RecipeError, load_recipe
 
     try:
-        loaded = load_recipe(recipe)
+        loaded = load_recipe(recipe, job="dualdistill")
     except RecipeError as exc:
         _fail(str(exc))
     from prefect import serve as prefect_serve

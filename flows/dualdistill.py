@@ -23,7 +23,6 @@ import asyncio
 import json
 import re
 import time
-import uuid
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -35,7 +34,15 @@ from flows.inputs.problems import load_problems
 from flows.inputs.prompts import load_prompt
 from flows.publishing.report import RunSummary, summarise, summary_markdown
 from flows.teachers.runtime import Runtime, build_runtime, teacher_fingerprint
-from flows.stages.shards import ShardFailed, answer_shard, content_key, grade_shard, shard_name, split_shards
+from flows.stages.shards import (
+    ShardFailed,
+    answer_shard,
+    content_key,
+    grade_shard,
+    scoped_run_token,
+    shard_name,
+    split_shards,
+)
 from flows.stages.stitching import stitch_shard
 from schemas.recipe import Recipe, load_recipe
 from schemas.records import Composite, GradedTrajectory, Problem, Rejected, Trajectory
@@ -80,16 +87,6 @@ def publish_task(recipe: Recipe, summary: RunSummary, composites, trajectories, 
     return {name: str(dataset.path) for name, dataset in published.items()}
 
 
-def _run_token(recipe: Recipe) -> str:
-    """Scopes cached stage results to this output folder's life: delete the folder
-    (journal included) and the next run starts from scratch, cache included."""
-    path = recipe.state_dir / "run-token"
-    if not path.exists():
-        recipe.state_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(uuid.uuid4().hex)
-    return path.read_text().strip()
-
-
 async def _process_shard(
     recipe: Recipe, answer_scopes: dict[str, str], runtime: Runtime, grader: Grader, index: int,
     problems: list[Problem],
@@ -128,12 +125,12 @@ async def dualdistill(recipe_path: str) -> dict:
     """Run the recipe at `recipe_path`; returns the run summary as a dict."""
     started = time.perf_counter()
     logger = get_run_logger()
-    recipe = load_recipe(recipe_path)
+    recipe = load_recipe(recipe_path, job="dualdistill")
     problems = load_problems(recipe.problems)  # fast and fails early: no task round trip
     shards = split_shards(problems, recipe.shard_size)
     logger.info("%d problems in %d shard(s) of up to %d", len(problems), len(shards), recipe.shard_size)
 
-    run_token = _run_token(recipe)
+    run_token = scoped_run_token(recipe.state_dir)
     # what an answer stage's result depends on besides its problems (never URLs or keys)
     answer_scopes = {
         role: content_key("answer", STAGE_VERSION, run_token, teacher_fingerprint(role, recipe))

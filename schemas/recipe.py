@@ -1,7 +1,10 @@
-"""The recipe: one YAML file that says everything a DualDistill run does.
+"""The recipe: one YAML file that says everything a run does.
 
-`load_recipe(path)` validates it before any model is called; a bad recipe raises
-`RecipeError` whose message names the file and the field (`teachers.tool.base_url`).
+`load_recipe(path, job=...)` validates it before any model is called; a bad recipe raises
+`RecipeError` whose message names the file and the field (`teachers.tool.base_url`). Each
+job needs its own sections (`JOB_SECTIONS`): DualDistill `problems` + `teachers`;
+self-distillation `problems` + `student` + `self_distill` (+ `teachers` to generate the
+teacher part).
 """
 
 from __future__ import annotations
@@ -105,6 +108,77 @@ class TeacherSpec(_Strict):
         return key
 
 
+StudentBackend = Literal["endpoint", "vllm", "transformers", "embedded"]
+
+
+class StudentSpec(TeacherSpec):
+    """The student: a teacher-like role plus how its samples are produced (`backend`).
+
+    `endpoint` (default with `base_url`): any OpenAI-compatible server; `embedded` (default
+    with `endpoint: embedded`): the embedded model; `transformers` / `vllm`: the checkpoint
+    named by `model` (a local folder, or a hub id where the hub is reachable), in process.
+    """
+
+    backend: StudentBackend | None = None
+    logprobs: bool = True  # ask for token logprobs: sample confidence (recorded for every sample)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _local_backends_need_no_url(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("backend") in ("transformers", "vllm"):
+            if data.get("base_url") or data.get("endpoint"):
+                raise ValueError(f"backend {data['backend']} runs in process: give `model`, not `base_url`/`endpoint`")
+            if not data.get("model"):
+                raise ValueError(f"backend {data['backend']} needs `model` (a checkpoint folder or hub id)")
+            return {**data, "base_url": "http://in-process"}  # satisfies the teacher checks; never contacted
+        return data
+
+    @property
+    def backend_name(self) -> StudentBackend:
+        return self.backend or ("embedded" if self.is_embedded else "endpoint")
+
+
+class TrainerSpec(_Strict):
+    kind: Literal["none", "command", "hf"] = "none"
+    # kind command: a shell line; {dataset} {round} {student} {output} are filled in, and the
+    # last line it prints names the next student (a checkpoint folder or model name)
+    command: str | None = None
+    # kind hf: transformers SFT of small models on the round's rows, honouring train_detail
+    epochs: float = Field(default=1.0, gt=0)
+    learning_rate: float = Field(default=5e-5, gt=0)
+    batch_size: int = Field(default=4, ge=1)
+    max_length: int = Field(default=2048, ge=16)
+
+    @model_validator(mode="after")
+    def _command_needs_a_template(self) -> TrainerSpec:
+        if self.kind == "command" and not (self.command or "").strip():
+            raise ValueError("`command` is required with kind: command")
+        return self
+
+
+class SelfDistillSpec(_Strict):
+    k: int = Field(default=16, ge=1)  # samples per problem
+    beta1: float = Field(default=0.0, ge=0.0, le=1.0)  # mean score > beta1: a verification example
+    beta2: float = Field(default=0.9, ge=0.0, le=1.0)  # mean score < beta2: a correction example
+    # paper: the two rules as written; reference: verification also needs mean score < beta2
+    rule: Literal["paper", "reference"] = "paper"
+    rounds: int = Field(default=1, ge=1)
+    pick: Literal["random", "most_confident", "least_confident"] = "random"
+    seed: int = 0  # for pick: random
+    teacher_part: Literal["generate", "reuse"] = "generate"
+    reuse_from: Path | None = None  # with reuse: a DualDistill run's trajectories/ folder
+    transitions: str = "transitions"
+    trainer: TrainerSpec = TrainerSpec()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SelfDistillSpec:
+        if self.teacher_part == "reuse" and self.reuse_from is None:
+            raise ValueError("`reuse_from` (a DualDistill trajectories/ folder) is required with teacher_part: reuse")
+        if self.rounds > 1 and self.trainer.kind == "none":
+            raise ValueError("`rounds` > 1 needs a trainer (trainer.kind: command or hf) to make the next student")
+        return self
+
+
 class Teachers(_Strict):
     tool: TeacherSpec
     reasoning: TeacherSpec
@@ -130,8 +204,10 @@ class SandboxSpec(_Strict):
 class Recipe(_Strict):
     run_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     output_dir: Path
-    problems: ProblemsSpec
-    teachers: Teachers
+    problems: ProblemsSpec | None = None
+    teachers: Teachers | None = None
+    student: StudentSpec | None = None
+    self_distill: SelfDistillSpec | None = None
     stitching: StitchingSpec = StitchingSpec()
     sandbox: SandboxSpec = SandboxSpec()
     shard_size: int = Field(default=250, ge=1)  # problems per Prefect task
@@ -146,6 +222,24 @@ class Recipe(_Strict):
 
 class RecipeError(ValueError):
     """A recipe that cannot run; the message names the file and the field."""
+
+
+Job = Literal["dualdistill", "self_distill"]
+JOB_SECTIONS: dict[str, tuple[str, ...]] = {
+    "dualdistill": ("problems", "teachers"),
+    "self_distill": ("problems", "student", "self_distill"),
+}
+
+
+def check_job(recipe: Recipe, job: Job, source: str = "<recipe>") -> Recipe:
+    """The recipe has every section `job` needs; the error names the missing ones."""
+    needed = list(JOB_SECTIONS[job])
+    if job == "self_distill" and recipe.self_distill and recipe.self_distill.teacher_part == "generate":
+        needed.append("teachers")
+    missing = [name for name in needed if getattr(recipe, name) is None]
+    if missing:
+        raise RecipeError(f"{source}: the {job} job needs " + ", ".join(f"`{name}:`" for name in missing))
+    return recipe
 
 
 def _field_path(loc: tuple) -> str:
@@ -169,17 +263,25 @@ def parse_recipe(data: object, source: str = "<recipe>", base_dir: Path | None =
 
 
 def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
-    output_dir = recipe.output_dir if recipe.output_dir.is_absolute() else base_dir / recipe.output_dir
-    source = recipe.problems.source
-    if not source.startswith("builtin:") and not Path(source).is_absolute():
-        source = str(base_dir / source)
-    problems = recipe.problems.model_copy(update={"source": source})
-    return recipe.model_copy(update={"output_dir": output_dir, "problems": problems})
+    def resolved(path: Path) -> Path:
+        return path if path.is_absolute() else base_dir / path
+
+    update: dict[str, object] = {"output_dir": resolved(recipe.output_dir)}
+    if recipe.problems is not None:
+        source = recipe.problems.source
+        if not source.startswith("builtin:") and not Path(source).is_absolute():
+            source = str(base_dir / source)
+        update["problems"] = recipe.problems.model_copy(update={"source": source})
+    if recipe.self_distill is not None and recipe.self_distill.reuse_from is not None:
+        update["self_distill"] = recipe.self_distill.model_copy(
+            update={"reuse_from": resolved(recipe.self_distill.reuse_from)})
+    return recipe.model_copy(update=update)
 
 
-def load_recipe(path: str | Path, base_dir: Path | None = None) -> Recipe:
+def load_recipe(path: str | Path, base_dir: Path | None = None, job: Job | None = None) -> Recipe:
     """Read and validate a YAML recipe. Relative paths resolve against `base_dir`
-    (default: the current directory, where the user runs `distillery`)."""
+    (default: the current directory, where the user runs `distillery`); with `job`, the
+    sections that job needs must be there."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -189,4 +291,5 @@ def load_recipe(path: str | Path, base_dir: Path | None = None) -> Recipe:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from None
-    return parse_recipe(data, source=str(path), base_dir=base_dir or Path.cwd())
+    recipe = parse_recipe(data, source=str(path), base_dir=base_dir or Path.cwd())
+    return check_job(recipe, job, str(path)) if job else recipe

@@ -106,6 +106,9 @@ class Trajectory(BaseModel):
     tool_errors: int = 0  # executions that ended in an error or a timeout
     latency_s: float = 0.0  # summed model latency (excludes journal replays)
     tool_spans: list[ToolSpan] = Field(default_factory=list)  # every <code> and <executor> block of `text`
+    sample: int = 0  # which of a problem's samples this is (its seed is the recipe's seed + sample)
+    confidence: float | None = None  # mean token log-probability, when the endpoint returned logprobs
+    lowest_window: float | None = None  # lowest mean log-probability over 32 consecutive tokens
 
 
 class GradedTrajectory(Trajectory):
@@ -151,3 +154,46 @@ class Rejected(BaseModel):
     second_text: str
     first_extracted: str | None
     second_extracted: str | None
+
+
+class SelfDistillExample(BaseModel):
+    """A student sample plus a teacher part (see PAPERS.md, self-distillation).
+
+    `verification`: a correct student sample + verification phrase + a correct solution by the
+    other strategy (the student's attempt is trained). `correction`: an incorrect sample +
+    correction phrase + a correct teacher solution (the attempt is not trained: `mask_until`).
+    """
+
+    id: str
+    problem: str
+    answer: str
+    round: int
+    kind: Literal["verification", "correction"]
+    k: int  # samples drawn for this problem
+    n_correct: int
+    mean_score: float
+    sample: int  # which sample was picked
+    pick: str  # how it was picked: random | most_confident | least_confident
+    confidence: float | None  # the picked sample's mean token log-probability
+    student_strategy: TeacherRole  # tool if the sample ran code, else reasoning
+    teacher_strategy: TeacherRole  # the other one
+    transition: str
+    student_text: str
+    teacher_text: str
+    text: str
+    messages: list[ChatMessage]
+    mask_until: int = Field(ge=0)
+    student_model: str
+    teacher_model: str
+
+
+class SelfDistillRejected(BaseModel):
+    """A pick that gave no example, with the reason (e.g. the teacher's solution was wrong)."""
+
+    id: str
+    round: int
+    kind: Literal["verification", "correction"]
+    sample: int
+    reason: str
+    student_text: str
+    teacher_text: str

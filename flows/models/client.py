@@ -35,6 +35,7 @@ from typing import Any
 
 import aiohttp
 
+from flows.models.confidence import Confidence, confidence_of
 from flows.models.journal import RequestJournal, request_key
 
 log = logging.getLogger("distillery.client")
@@ -69,9 +70,10 @@ class ChatResponse:
     completion_tokens: int = 0
     latency_s: float = 0.0
     replayed: bool = False
+    confidence: Confidence | None = None  # from token logprobs, when the request asked for them
 
     def to_journal(self) -> dict[str, Any]:
-        return {
+        value = {
             "content": self.content,
             "finish_reason": self.finish_reason,
             "reasoning_content": self.reasoning_content,
@@ -80,12 +82,16 @@ class ChatResponse:
             "completion_tokens": self.completion_tokens,
             "latency_s": self.latency_s,
         }
+        if self.confidence is not None:
+            value["confidence"] = self.confidence.to_json()
+        return value
 
     @classmethod
     def from_journal(cls, value: dict[str, Any]) -> ChatResponse:
         calls = tuple(ToolCall(**call) for call in value.get("tool_calls") or ())
         fields = {k: v for k, v in value.items() if k != "max_tokens"}
-        return cls(**{**fields, "tool_calls": calls, "replayed": True})
+        confidence = Confidence(**value["confidence"]) if value.get("confidence") else None
+        return cls(**{**fields, "tool_calls": calls, "confidence": confidence, "replayed": True})
 
 
 def fits_budget(journaled: dict[str, Any], max_tokens: int | None) -> bool:
@@ -273,6 +279,9 @@ def _parse_completion(completion: Any, latency: float) -> ChatResponse:
     if not isinstance(content, str) or (not content and not reasoning and not calls and finish_reason != "length"):
         raise BadResponse("answer is empty (no content, no reasoning, no tool call)")
     usage = completion.get("usage") or {}
+    logprobs = choice.get("logprobs") or {}
+    tokens = logprobs.get("content") if isinstance(logprobs, dict) else None
+    confidence = confidence_of([t["logprob"] for t in tokens if isinstance(t, dict)]) if tokens else None
     return ChatResponse(
         content=content,
         finish_reason=finish_reason,
@@ -281,6 +290,7 @@ def _parse_completion(completion: Any, latency: float) -> ChatResponse:
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
         completion_tokens=int(usage.get("completion_tokens") or 0),
         latency_s=round(latency, 4),
+        confidence=confidence,
     )
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import uuid
 from collections.abc import Sequence
+from pathlib import Path
 
 from flows.grading import Grader
 from flows.teachers.reasoning import ReasoningTeacher
@@ -44,6 +46,16 @@ def split_shards(problems: Sequence[Problem], shard_size: int) -> list[list[Prob
     return [list(problems[i : i + shard_size]) for i in range(0, len(problems), shard_size)]
 
 
+def scoped_run_token(state_dir: Path) -> str:
+    """Scopes cached stage results to this output folder's life: delete the folder
+    (journal included) and the next run starts from scratch, cache included."""
+    path = state_dir / "run-token"
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(uuid.uuid4().hex)
+    return path.read_text().strip()
+
+
 def content_key(*parts: object) -> str:
     """Content address of a stage's inputs (pydantic models are dumped to JSON)."""
     digest = hashlib.sha256()
@@ -63,25 +75,28 @@ async def answer_shard(
     problems: Sequence[Problem],
     shard: str,
     slots: asyncio.Semaphore | None = None,
+    samples: int = 1,
 ) -> list[Trajectory]:
-    """One trajectory per problem, in problem order.
+    """`samples` trajectories per problem (sample i is sent with seed + i), in problem then
+    sample order.
 
-    `slots` (shared by all shards of a teacher) bounds how many problems are under way:
-    a problem keeps its slot through all its turns, so problems finish in the order they
-    started and early shards complete early, instead of every problem's second turn
-    queueing behind every other problem's first.
+    `slots` (shared by all shards of a teacher) bounds how many samples are under way:
+    a sample keeps its slot through all its turns, so samples finish in the order they
+    started and early shards complete early, instead of every sample's second turn
+    queueing behind every other sample's first.
     """
+    work = [(problem, sample) for problem in problems for sample in range(samples)]
 
-    async def solve(problem: Problem) -> Trajectory:
+    async def solve(problem: Problem, sample: int) -> Trajectory:
         if slots is None:
-            return await teacher.solve(problem, shard=f"{teacher.role}-{shard}")
+            return await teacher.solve(problem, shard=f"{teacher.role}-{shard}", sample=sample)
         async with slots:
-            return await teacher.solve(problem, shard=f"{teacher.role}-{shard}")
+            return await teacher.solve(problem, shard=f"{teacher.role}-{shard}", sample=sample)
 
-    results = await asyncio.gather(*(solve(problem) for problem in problems), return_exceptions=True)
-    errors = [(p.id, r) for p, r in zip(problems, results, strict=True) if isinstance(r, BaseException)]
+    results = await asyncio.gather(*(solve(*item) for item in work), return_exceptions=True)
+    errors = [(p.id, r) for (p, _), r in zip(work, results, strict=True) if isinstance(r, BaseException)]
     if errors:
-        raise ShardFailed(f"answer[{teacher.role}]", shard, errors, len(problems))
+        raise ShardFailed(f"answer[{teacher.role}]", shard, errors, len(work))
     return list(results)  # type: ignore[arg-type]
 
 

@@ -1,1 +1,1 @@
-"""The DualDistill teachers and what builds them from a recipe."""
+"""The roles that answer problems: the DualDistill teachers, the self-distillation student, and what builds them from a recipe."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flows.models.client import ChatResponse, ModelClient
+from flows.models.confidence import confidence_fields
 from flows.inputs.prompts import PromptFile
 from schemas.records import Problem, Trajectory
 
@@ -34,6 +35,8 @@ class ReasoningTeacher:
             requests=1,
             replayed_requests=int(response.replayed),
             latency_s=0.0 if response.replayed else response.latency_s,
+            sample=sample,
+            **confidence_fields(response.confidence),
         )
 
 

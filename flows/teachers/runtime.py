@@ -92,7 +92,7 @@ class Runtime:
         self.journal.close()
 
 
-def _client(spec: TeacherSpec, journal: RequestJournal, servers: list[EmbeddedServer]) -> ModelClient:
+def model_client(spec: TeacherSpec, journal: RequestJournal, servers: list[EmbeddedServer]) -> ModelClient:
     extra = {"repeat_penalty": spec.sampling.repeat_penalty} if spec.sampling.repeat_penalty is not None else {}
     if spec.is_embedded:
         server = EmbeddedServer()
@@ -116,14 +116,22 @@ def build_runtime(recipe: Recipe) -> Runtime:
     servers: list[EmbeddedServer] = []
     spec = recipe.sandbox
     sandbox = make_sandbox(spec.kind, sandbox_limits(spec), max_parallel=spec.max_parallel)
+    tool, reasoning = build_teachers(recipe, journal, sandbox, servers)
+    return Runtime(tool=tool, reasoning=reasoning, journal=journal, sandbox=sandbox, servers=servers)
+
+
+def build_teachers(
+    recipe: Recipe, journal: RequestJournal, sandbox: Sandbox, servers: list[EmbeddedServer]
+) -> tuple[ToolTeacher, ReasoningTeacher]:
+    """The recipe's two teachers over a shared journal and sandbox."""
     tool_spec, reasoning_spec = recipe.teachers.tool, recipe.teachers.reasoning
     tool = ToolTeacher(
-        client=_client(tool_spec, journal, servers), prompt=load_prompt(prompt_name("tool", tool_spec)),
+        client=model_client(tool_spec, journal, servers), prompt=load_prompt(prompt_name("tool", tool_spec)),
         params=sampling_params(tool_spec), sandbox=sandbox, journal=journal,
         protocol=tool_spec.protocol, max_tool_calls=tool_spec.max_tool_calls,
     )
     reasoning = ReasoningTeacher(
-        client=_client(reasoning_spec, journal, servers),
+        client=model_client(reasoning_spec, journal, servers),
         prompt=load_prompt(prompt_name("reasoning", reasoning_spec)), params=sampling_params(reasoning_spec),
     )
-    return Runtime(tool=tool, reasoning=reasoning, journal=journal, sandbox=sandbox, servers=servers)
+    return tool, reasoning

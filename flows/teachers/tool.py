@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from flows.models.client import ChatResponse, ModelClient, ToolCall
+from flows.models.confidence import Confidence, combine, confidence_fields
 from flows.models.journal import RequestJournal, request_key
 from flows.inputs.prompts import PromptFile
 from flows.execution.sandbox import Sandbox
@@ -92,8 +93,10 @@ class _Progress:
     latency_s: float = 0.0
     tool_calls: int = 0
     tool_errors: int = 0
+    confidences: list[Confidence | None] = dataclasses.field(default_factory=list)
 
     def count(self, response: ChatResponse) -> None:
+        self.confidences.append(response.confidence)
         self.requests += 1
         self.replayed += int(response.replayed)
         self.prompt_tokens += response.prompt_tokens
@@ -156,6 +159,8 @@ class ToolTeacher:
             tool_errors=progress.tool_errors,
             latency_s=round(progress.latency_s, 4),
             tool_spans=progress.spans,
+            sample=sample,
+            **confidence_fields(combine(progress.confidences)),
         )
 
     async def _solve_with_tags(self, messages: list[dict], progress: _Progress, shard: str, sample: int) -> str:

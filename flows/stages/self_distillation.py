@@ -1,0 +1,122 @@
+"""Self-distillation stage logic: student samples → picks → teacher parts → examples.
+
+A picked sample is `verification` (a correct sample, verified by the *other* strategy) or
+`correction` (an incorrect sample, followed by a correct teacher solution). The other
+strategy of a sample that ran code is text reasoning (the reasoning teacher), and of one
+that ran none, code (the tool-using teacher). Examples are stitched exactly like DualDistill
+composites (`stitch_pair`): verification = `both_correct` (the student's attempt is
+trained), correction = `second_corrects` (the attempt is masked: `mask_until`).
+
+The teacher part is `generate`d (the teacher answers now; a wrong answer rejects the pick
+with the grader's reason) or `reuse`d (a correct trajectory of the right strategy from a
+DualDistill run's `trajectories/`, as the reference code does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import polars as pl
+
+from flows.inputs.prompts import PromptFile
+from flows.stages.stitching import stitch_pair
+from schemas.records import (
+    Composite,
+    GradedTrajectory,
+    Problem,
+    SelfDistillExample,
+    SelfDistillRejected,
+    TeacherRole,
+)
+
+TeacherKey = tuple[str, TeacherRole]  # (problem id, strategy)
+
+
+def strategy(sample: GradedTrajectory) -> TeacherRole:
+    return "tool" if sample.tool_calls > 0 else "reasoning"
+
+
+def other(role: TeacherRole) -> TeacherRole:
+    return "reasoning" if role == "tool" else "tool"
+
+
+def samples_frame(samples: Sequence[GradedTrajectory]) -> pl.DataFrame:
+    """The columns selection reads, one row per graded sample."""
+    return pl.DataFrame(
+        {
+            "problem_id": [s.problem_id for s in samples],
+            "sample": [s.sample for s in samples],
+            "correct": [s.correct for s in samples],
+            "ran_code": [s.tool_calls > 0 for s in samples],
+            "text": [s.text for s in samples],
+            "confidence": [s.confidence for s in samples],
+            "lowest_window": [s.lowest_window for s in samples],
+        },
+        schema={"problem_id": pl.String, "sample": pl.Int64, "correct": pl.Boolean, "ran_code": pl.Boolean,
+                "text": pl.String, "confidence": pl.Float64, "lowest_window": pl.Float64},
+    )
+
+
+def needed_teacher_parts(picks: pl.DataFrame, samples: Mapping[tuple[str, int], GradedTrajectory]) -> list[TeacherKey]:
+    """Which (problem, strategy) solutions the picks need, each once, in pick order."""
+    keys = (
+        (problem_id, other(strategy(samples[(problem_id, sample)])))
+        for problem_id, sample in picks.select("problem_id", "sample").iter_rows()
+    )
+    return list(dict.fromkeys(keys))
+
+
+def reuse_index(folder: Path) -> dict[TeacherKey, GradedTrajectory]:
+    """Correct trajectories of a DualDistill run's `trajectories/` dataset, by (problem, teacher)."""
+    files = sorted((folder / "data").glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no data/*.parquet; `reuse_from` must name a DualDistill trajectories/ folder")
+    frame = pl.read_parquet(files).filter(pl.col("correct"))
+    index: dict[TeacherKey, GradedTrajectory] = {}
+    for row in frame.iter_rows(named=True):
+        index.setdefault((row["problem_id"], row["teacher"]), GradedTrajectory.model_validate(row))
+    return index
+
+
+def build_examples(
+    picks: pl.DataFrame,
+    samples: Mapping[tuple[str, int], GradedTrajectory],
+    teacher_parts: Mapping[TeacherKey, GradedTrajectory | str],
+    problems: Mapping[str, Problem],
+    transitions: PromptFile,
+    *,
+    round_number: int,
+    pick: str,
+    system_prompt: str | None = None,
+) -> tuple[list[SelfDistillExample], list[SelfDistillRejected]]:
+    """One example per pick whose teacher part is a correct solution; the others rejected.
+
+    `teacher_parts` maps each needed (problem, strategy) to a correct graded solution, or
+    to the reason there is none.
+    """
+    examples: list[SelfDistillExample] = []
+    rejected: list[SelfDistillRejected] = []
+    for row in picks.iter_rows(named=True):
+        sample = samples[(row["problem_id"], row["sample"])]
+        student_role = strategy(sample)
+        part = teacher_parts.get((row["problem_id"], other(student_role)), "no teacher part was produced")
+        if isinstance(part, str):
+            rejected.append(SelfDistillRejected(
+                id=row["problem_id"], round=round_number, kind=row["kind"], sample=row["sample"], reason=part,
+                student_text=sample.text, teacher_text="",
+            ))
+            continue
+        # stitched as a DualDistill pair whose first answer is the student's
+        stitched = stitch_pair(problems[row["problem_id"]], sample.model_copy(update={"teacher": student_role}),
+                               part, transitions, system_prompt)
+        assert isinstance(stitched, Composite)  # the teacher part is correct: never both_wrong
+        examples.append(SelfDistillExample(
+            id=row["problem_id"], problem=stitched.problem, answer=stitched.answer, round=round_number,
+            kind=row["kind"], k=row["k"], n_correct=row["n_correct"], mean_score=row["mean_score"],
+            sample=row["sample"], pick=pick, confidence=sample.confidence,
+            student_strategy=student_role, teacher_strategy=other(student_role), transition=stitched.transition,
+            student_text=sample.text, teacher_text=part.text, text=stitched.text, messages=stitched.messages,
+            mask_until=stitched.mask_until, student_model=sample.model, teacher_model=part.model,
+        ))
+    return examples, rejected

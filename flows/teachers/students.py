@@ -1,0 +1,180 @@
+"""The self-distillation student: the tool-using loop (stateful code in the sandbox) on any backend.
+
+Backends by name (`student.backend` in the recipe, `STUDENT_BACKENDS` here):
+  endpoint      any OpenAI-compatible server (vLLM `serve`, llama.cpp, hosted APIs);
+                K samples are K seeded requests (seed + i), so servers that ignore `n` work
+  embedded      the embedded default model on its loopback llama.cpp server
+  transformers  a local checkpoint (or the embedded GGUF) generating in this process
+  vllm          offline vllm.LLM — not built yet: use `endpoint` with `vllm serve`
+
+Every backend is a `ModelClient`, so journaling, budget-aware replay and the tool loop
+are the same whatever produces the tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flows.execution.sandbox import Sandbox, make_sandbox
+from flows.grading import Grader
+from flows.inputs.prompts import load_prompt
+from flows.models.client import ModelClient
+from flows.models.embedded import EMBEDDED_MODEL_NAME, EmbeddedServer, embedded_gguf_path
+from flows.models.journal import RequestJournal
+from flows.stages.shards import answer_shard, grade_shard
+from flows.teachers.reasoning import ReasoningTeacher
+from flows.teachers.runtime import (
+    build_teachers,
+    journal_dir,
+    model_client,
+    sampling_params,
+    sandbox_limits,
+    teacher_fingerprint,
+)
+from flows.teachers.tool import ToolTeacher
+from schemas.recipe import Recipe, StudentSpec
+from schemas.records import GradedTrajectory, Problem
+
+STUDENT_PROMPT = "tool_teacher"
+
+
+class StudentBackendUnavailable(RuntimeError):
+    """A backend this installation cannot run; the message says what to use instead."""
+
+
+def _endpoint(spec: StudentSpec, journal: RequestJournal, servers: list[EmbeddedServer]) -> ModelClient:
+    return model_client(spec, journal, servers)
+
+
+def _transformers(spec: StudentSpec, journal: RequestJournal, servers: list[EmbeddedServer]) -> ModelClient:
+    try:
+        from flows.models.transformers_backend import TransformersClient
+    except ImportError as exc:
+        raise StudentBackendUnavailable(
+            f"backend transformers needs torch and transformers ({exc}); install the `train` extra"
+        ) from None
+    checkpoint = str(embedded_gguf_path()) if spec.model == EMBEDDED_MODEL_NAME else str(spec.model)
+    return TransformersClient(model=str(spec.model), checkpoint=checkpoint, journal=journal,
+                              timeout_s=spec.timeout_s, max_retries=spec.max_retries)
+
+
+def _vllm(spec: StudentSpec, journal: RequestJournal, servers: list[EmbeddedServer]) -> ModelClient:
+    raise StudentBackendUnavailable(
+        "backend vllm (offline vllm.LLM) is not built yet in this version; serve the checkpoint with "
+        "`vllm serve` and use `backend: endpoint` with its base_url"
+    )
+
+
+STUDENT_BACKENDS: dict[str, Callable[[StudentSpec, RequestJournal, list[EmbeddedServer]], ModelClient]] = {
+    "endpoint": _endpoint,
+    "embedded": _endpoint,
+    "transformers": _transformers,
+    "vllm": _vllm,
+}
+
+
+def build_student(
+    spec: StudentSpec, sandbox: Sandbox, journal: RequestJournal, servers: list[EmbeddedServer]
+) -> ToolTeacher:
+    """The student as a tool-using loop over its backend's client."""
+    client = STUDENT_BACKENDS[spec.backend_name](spec, journal, servers)
+    params = sampling_params(spec) | ({"logprobs": True} if spec.logprobs else {})
+    return ToolTeacher(
+        client=client, prompt=load_prompt(spec.prompt or STUDENT_PROMPT), params=params, sandbox=sandbox,
+        journal=journal, protocol=spec.protocol, max_tool_calls=spec.max_tool_calls, role="student",
+    )
+
+
+def student_name(spec: StudentSpec) -> str:
+    return EMBEDDED_MODEL_NAME if spec.is_embedded else str(spec.model)
+
+
+def trained_student(spec: StudentSpec, checkpoint: str) -> StudentSpec:
+    """The student of the next round. A checkpoint folder is sampled in process (the
+    embedded llama.cpp server reads GGUF files only, and an endpoint would need reloading);
+    a name (what a `command` trainer may print for a model it loaded into the user's
+    server) stays on the same backend."""
+    if Path(checkpoint).is_dir():
+        data = spec.model_dump(exclude={"endpoint", "base_url", "backend", "model"})
+        return StudentSpec.model_validate({**data, "backend": "transformers", "model": checkpoint})
+    return spec.model_copy(update={"model": checkpoint})
+
+
+@dataclass
+class StudentRuntime:
+    """A round's live student, the teachers (or the reuse index) and what they share."""
+
+    student: ToolTeacher
+    journal: RequestJournal
+    sandbox: Sandbox
+    student_scope: str  # what decides the student's samples (never URLs or keys)
+    teacher_scope: str  # what decides the teacher parts
+    teachers: dict[str, ToolTeacher | ReasoningTeacher] = field(default_factory=dict)
+    reused: dict[tuple[str, str], GradedTrajectory] | None = None
+    servers: list[EmbeddedServer] = field(default_factory=list)
+    _slots: asyncio.Semaphore | None = field(default=None, repr=False)
+
+    def slots(self) -> asyncio.Semaphore:
+        """Samples under way: twice the student's request limit (a sample running code holds
+        its slot without a request in flight)."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(2 * self.student.client.max_concurrency)
+        return self._slots
+
+    async def teacher_parts(
+        self, needed: Sequence[tuple[str, str]], problems: Sequence[Problem], grader: Grader, shard: str
+    ) -> dict[tuple[str, str], GradedTrajectory | str]:
+        """A correct solution per needed (problem, strategy), or the reason there is none."""
+        if self.reused is not None:
+            return {key: self.reused.get(key, f"no correct {key[1]} trajectory of {key[0]} to reuse")
+                    for key in needed}
+        by_id = {p.id: p for p in problems}
+        parts: dict[tuple[str, str], GradedTrajectory | str] = {}
+        for role in ("tool", "reasoning"):
+            wanted = [by_id[problem_id] for problem_id, strategy in needed if strategy == role]
+            if not wanted:
+                continue
+            answers = await answer_shard(self.teachers[role], wanted, shard)
+            graded = await asyncio.to_thread(grade_shard, answers, wanted, grader)
+            for answer in graded:
+                parts[(answer.problem_id, role)] = answer if answer.correct else (
+                    f"the {role} teacher's solution was wrong: {answer.grade_reason}")
+        return parts
+
+    async def aclose(self) -> None:
+        await self.student.client.aclose()
+        for teacher in self.teachers.values():
+            await teacher.client.aclose()
+        for server in self.servers:
+            server.stop()
+        self.journal.close()
+
+
+def _fingerprint(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build_student_runtime(
+    recipe: Recipe, spec: StudentSpec, reused: dict[tuple[str, str], GradedTrajectory] | None
+) -> StudentRuntime:
+    journal = RequestJournal(journal_dir(recipe))
+    servers: list[EmbeddedServer] = []
+    limits = sandbox_limits(recipe.sandbox)
+    sandbox = make_sandbox(recipe.sandbox.kind, limits, max_parallel=recipe.sandbox.max_parallel)
+    student = build_student(spec, sandbox, journal, servers)
+    student_scope = _fingerprint(student_name(spec), spec.sampling, spec.prompt, spec.protocol, spec.max_tool_calls,
+                                 spec.logprobs, load_prompt(spec.prompt or STUDENT_PROMPT).digest, limits)
+    teachers: dict[str, ToolTeacher | ReasoningTeacher] = {}
+    if reused is None:
+        tool, reasoning = build_teachers(recipe, journal, sandbox, servers)
+        teachers = {"tool": tool, "reasoning": reasoning}
+        teacher_scope = _fingerprint([teacher_fingerprint(role, recipe) for role in teachers])
+    else:
+        teacher_scope = _fingerprint("reuse", str(recipe.self_distill.reuse_from), len(reused))
+    return StudentRuntime(student=student, journal=journal, sandbox=sandbox, student_scope=student_scope,
+                          teacher_scope=teacher_scope, teachers=teachers, reused=reused, servers=servers)
