@@ -41,7 +41,8 @@ class RoundSummary:
         if not self.problems_with_duplicates:
             return None
         return (f"{self.problems_with_duplicates} of {self.problems} problems got duplicate samples "
-                f"({self.distinct_share:.0%} distinct): check that the backend honours per-sample seeds")
+                f"({self.distinct_share:.0%} distinct): a very sure model repeats itself, but check that the "
+                "backend honours per-sample seeds, or the mean score counts one answer K times")
 
 
 def summarise_round(

@@ -83,7 +83,8 @@ def build_student(
 ) -> ToolTeacher:
     """The student as a tool-using loop over its backend's client."""
     client = STUDENT_BACKENDS[spec.backend_name](spec, journal, servers)
-    params = sampling_params(spec) | ({"logprobs": True} if spec.logprobs else {})
+    # llama.cpp's server returns logprobs only with top_logprobs set; OpenAI and vLLM accept both
+    params = sampling_params(spec) | ({"logprobs": True, "top_logprobs": 1} if spec.logprobs else {})
     return ToolTeacher(
         client=client, prompt=load_prompt(spec.prompt or STUDENT_PROMPT), params=params, sandbox=sandbox,
         journal=journal, protocol=spec.protocol, max_tool_calls=spec.max_tool_calls, role="student",
