@@ -2,7 +2,7 @@
 
 The first tests use a word-level tokenizer built in-process (no files, no model), so the
 labelling logic is covered under `-m "not model"`; the `model` tests use the real
-tokenizer of the embedded SmolLM2 GGUF (see `gguf_tokenizer`), checked against llama.cpp.
+tokenizer of the embedded SmolLM2 GGUF (`flows.training.trainers.gguf_tokenizer`), checked against llama.cpp.
 """
 
 from __future__ import annotations
@@ -215,49 +215,10 @@ def test_content_the_template_changes_raises(words):
 # -- the embedded model's real tokenizer (SmolLM2, byte-level BPE, ChatML) ---------------------
 
 
-def gguf_tokenizer(path):
-    """The GGUF's tokenizer: by transformers when it can read GGUF, else rebuilt from the
-    file's vocabulary and merges (transformers 5 reads GGUF metadata through torch, which
-    this project does not install)."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except ImportError:
-        pass
-    from gguf import GGUFReader
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
-    fields = GGUFReader(path).fields
-
-    def meta(key):
-        return fields[key].contents()
-
-    tokens, kinds = meta("tokenizer.ggml.tokens"), meta("tokenizer.ggml.token_type")
-    assert meta("tokenizer.ggml.model") == "gpt2" and meta("tokenizer.ggml.pre") == "smollm"
-    merges = [tuple(merge.split(" ")) for merge in meta("tokenizer.ggml.merges")]
-    backend = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges))
-    # llama.cpp's "smollm" pre-tokenizer: digits one by one, then GPT-2's byte-level split
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ]
-    )
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, kinds, strict=True) if kind == 3]
-    )
-    keys = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown", "pad_token": "padding"}
-    named = {role: tokens[meta(f"tokenizer.ggml.{key}_token_id")] for role, key in keys.items()}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **named)
-    tokenizer.chat_template = meta("tokenizer.chat_template")
-    return tokenizer
-
-
 @pytest.fixture(scope="module")
 def smollm2():
     from flows.models.embedded import embedded_gguf_path
+    from flows.training.trainers import gguf_tokenizer
 
     path = embedded_gguf_path()
     tokenizer = gguf_tokenizer(path)

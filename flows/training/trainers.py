@@ -138,7 +138,7 @@ class CommandTrainer:
 # -- hf ------------------------------------------------------------------------------------
 
 
-def _gguf_tokenizer(path: Path) -> Any:
+def gguf_tokenizer(path: Path) -> Any:
     """The GGUF's tokenizer: by transformers when it reads it as a fast tokenizer, else
     rebuilt from the file's vocabulary and merges (llama.cpp's `smollm` pre-tokenizer)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -229,7 +229,7 @@ def load_student(student: str) -> tuple[Any, Any]:
     folder, gguf = student_files(student)
     try:
         if gguf:
-            tokenizer = _gguf_tokenizer(folder / gguf)
+            tokenizer = gguf_tokenizer(folder / gguf)
             model = _plain_model(AutoModelForCausalLM.from_pretrained(
                 str(folder), gguf_file=gguf, dtype="float32", **_dequantized()))
         else:
