@@ -33,6 +33,8 @@ test-fast: $(VENV)/.installed sandbox-tools
 bench: install
 	$(BIN)/python bench/bench_dualdistill.py
 	$(BIN)/python bench/bench_grading.py
+	$(BIN)/python bench/bench_sandbox.py
+	$(BIN)/python bench/bench_selection.py
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
