@@ -31,19 +31,26 @@ def _fail(message: str) -> None:
 @app.command()
 def run(recipe: Path = typer.Argument(..., help="recipe YAML, e.g. recipes/demo.yaml")) -> None:
     """Run a DualDistill recipe: teachers → grade → stitch → Parquet datasets."""
+    _print_summary(_run_job(recipe, "dualdistill"))
+
+
+def _run_job(recipe: Path, job: str) -> dict:
+    """Validate the recipe for `job` (before Prefect starts), run its flow, and turn every
+    failure into one clear message and exit code 1."""
     from schemas.recipe import RecipeError, load_recipe
 
     try:
-        load_recipe(recipe, job="dualdistill")  # fail on a bad recipe before Prefect starts
+        load_recipe(recipe, job=job)
     except RecipeError as exc:
         _fail(str(exc))
-    from flows.dualdistill import dualdistill
-
+    if job == "dualdistill":
+        from flows.dualdistill import dualdistill as job_flow
+    else:
+        from flows.self_distill import self_distill as job_flow
     try:
-        summary = asyncio.run(dualdistill(str(recipe)))
+        return asyncio.run(job_flow(str(recipe)))
     except Exception as exc:  # noqa: BLE001 - every failure becomes one clear message and exit 1
         _fail(f"{type(exc).__name__}: {exc}")
-    _print_summary(summary)
 
 
 def _print_summary(summary: dict) -> None:
@@ -79,19 +86,7 @@ def _print_summary(summary: dict) -> None:
 def self_distill(recipe: Path = typer.Argument(..., help="recipe YAML, e.g. recipes/self_distill_demo.yaml")) -> None:
     """Sample K answers per problem from the student, build verification / correction
     examples by the beta rules, publish each round, and train the next student."""
-    from schemas.recipe import RecipeError, load_recipe
-
-    try:
-        load_recipe(recipe, job="self_distill")
-    except RecipeError as exc:
-        _fail(str(exc))
-    from flows.self_distill import self_distill as self_distill_flow
-
-    try:
-        result = asyncio.run(self_distill_flow(str(recipe)))
-    except Exception as exc:  # noqa: BLE001 - every failure becomes one clear message and exit 1
-        _fail(f"{type(exc).__name__}: {exc}")
-    _print_rounds(result)
+    _print_rounds(_run_job(recipe, "self_distill"))
 
 
 def _print_rounds(result: dict) -> None:

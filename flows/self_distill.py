@@ -37,7 +37,14 @@ from flows.publishing.self_distill_outputs import publish_round
 from flows.stages.selection import problem_stats, round_stats, select
 from flows.stages.self_distillation import build_examples, needed_teacher_parts, reuse_index, samples_frame
 from flows.stages.shards import answer_shard, content_key, grade_shard, scoped_run_token, shard_name, split_shards
-from flows.teachers.students import StudentRuntime, build_student_runtime, student_name, trained_student
+from flows.teachers.students import (
+    StudentRuntime,
+    build_student_runtime,
+    student_name,
+    student_scope,
+    teacher_scope,
+    trained_student,
+)
 from flows.training.trainers import make_trainer
 from schemas.recipe import Recipe, StudentSpec, load_recipe
 from schemas.records import GradedTrajectory, Problem, SelfDistillExample, SelfDistillRejected
@@ -139,7 +146,9 @@ async def self_distill(recipe_path: str) -> dict:
     try:
         for round_number in range(1, spec.rounds + 1):
             done = state / f"round-{round_number}.json"
-            fingerprint = content_key(run_token, spec, student, recipe.problems, recipe.system_prompt)
+            # what a round's datasets and trained student depend on: not how many rounds follow, nor URLs
+            fingerprint = content_key(run_token, spec.model_dump(exclude={"rounds"}), student_scope(recipe, student),
+                                      teacher_scope(recipe, reused), recipe.problems, recipe.system_prompt)
             if done.exists() and json.loads(done.read_text()).get("fingerprint") == fingerprint:
                 summary = RoundSummary(**json.loads(done.read_text())["summary"])
                 logger.info("round %d finished earlier; skipped", round_number)

@@ -144,7 +144,8 @@ def test_duplicate_samples_are_reported(tmp_path):
 def test_two_rounds_with_a_command_trainer(tmp_path):
     rows = write_problems(tmp_path / "problems.jsonl")
     script = tmp_path / "train.sh"
-    script.write_text('echo "training on $1 (round $2, from $3)"\necho "student-$2"\n')
+    calls = tmp_path / "calls.txt"
+    script.write_text(f'echo "training on $1 (round $2, from $3)"\necho "$2" >> {calls}\necho "student-$2"\n')
     with FakeOpenAIServer(ScriptedStudent(rows)) as server:
         recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "problems.jsonl", server.base_url, tmp_path / "out",
                               rounds=2, trainer={"kind": "command", "command": f"bash {script} {{dataset}} {{round}} {{student}}"})
@@ -155,6 +156,13 @@ def test_two_rounds_with_a_command_trainer(tmp_path):
     models = {body["model"] for body in server.requests}
     assert {"student-0", "student-1"} <= models and "student-2" not in models
     assert (tmp_path / "out" / "self_distill" / "round-2" / "README.md").exists()
+
+    with FakeOpenAIServer(ScriptedStudent(rows)) as server:  # one more round: the first two are not redone
+        recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "problems.jsonl", server.base_url, tmp_path / "out",
+                              rounds=3, trainer={"kind": "command", "command": f"bash {script} {{dataset}} {{round}} {{student}}"})
+        third = run(recipe)["rounds"][2]
+    assert calls.read_text().split() == ["1", "2", "3"] and third["student"] == "student-2"
+    assert {body["model"] for body in server.requests} == {"student-2"}  # teacher parts replay from the journal
 
 
 def test_recipe_sections_per_job(tmp_path):

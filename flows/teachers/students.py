@@ -165,17 +165,26 @@ def build_student_runtime(
 ) -> StudentRuntime:
     journal = RequestJournal(journal_dir(recipe))
     servers: list[EmbeddedServer] = []
-    limits = sandbox_limits(recipe.sandbox)
-    sandbox = make_sandbox(recipe.sandbox.kind, limits, max_parallel=recipe.sandbox.max_parallel)
+    sandbox = make_sandbox(recipe.sandbox.kind, sandbox_limits(recipe.sandbox), max_parallel=recipe.sandbox.max_parallel)
     student = build_student(spec, sandbox, journal, servers)
-    student_scope = _fingerprint(student_name(spec), spec.sampling, spec.prompt, spec.protocol, spec.max_tool_calls,
-                                 spec.logprobs, load_prompt(spec.prompt or STUDENT_PROMPT).digest, limits)
     teachers: dict[str, ToolTeacher | ReasoningTeacher] = {}
     if reused is None:
         tool, reasoning = build_teachers(recipe, journal, sandbox, servers)
         teachers = {"tool": tool, "reasoning": reasoning}
-        teacher_scope = _fingerprint([teacher_fingerprint(role, recipe) for role in teachers])
-    else:
-        teacher_scope = _fingerprint("reuse", str(recipe.self_distill.reuse_from), len(reused))
-    return StudentRuntime(student=student, journal=journal, sandbox=sandbox, student_scope=student_scope,
-                          teacher_scope=teacher_scope, teachers=teachers, reused=reused, servers=servers)
+    return StudentRuntime(student=student, journal=journal, sandbox=sandbox, student_scope=student_scope(recipe, spec),
+                          teacher_scope=teacher_scope(recipe, reused), teachers=teachers, reused=reused,
+                          servers=servers)
+
+
+def student_scope(recipe: Recipe, spec: StudentSpec) -> str:
+    """What decides the student's samples: never its URL or key."""
+    return _fingerprint(student_name(spec), spec.sampling, spec.prompt, spec.protocol, spec.max_tool_calls,
+                        spec.logprobs, load_prompt(spec.prompt or STUDENT_PROMPT).digest,
+                        sandbox_limits(recipe.sandbox))
+
+
+def teacher_scope(recipe: Recipe, reused: dict[tuple[str, str], GradedTrajectory] | None) -> str:
+    """What decides the teacher parts: the teachers (never URLs or keys), or the reused run."""
+    if reused is None:
+        return _fingerprint([teacher_fingerprint(role, recipe) for role in ("tool", "reasoning")])
+    return _fingerprint("reuse", str(recipe.self_distill.reuse_from), len(reused))
