@@ -38,6 +38,7 @@ from flows.stages.shards import (
     ShardFailed,
     answer_shard,
     content_key,
+    key_parameter,
     grade_shard,
     scoped_run_token,
     shard_name,
@@ -54,20 +55,16 @@ class RunFailed(RuntimeError):
     """At least one shard failed; everything answered so far is in the journal."""
 
 
-def _by_key(context, parameters) -> str:  # noqa: ANN001 - Prefect's cache_key_fn signature
-    return parameters["key"]
-
-
 # Task inputs below are wrapped in `quote(...)`: Prefect otherwise walks every record of
 # every list passed to a task looking for futures (17 s of CPU for 2,000 problems).
 
 
-@task(name="answer-shard", cache_key_fn=_by_key, persist_result=True, retries=1, retry_delay_seconds=5)
+@task(name="answer-shard", cache_key_fn=key_parameter, persist_result=True, retries=1, retry_delay_seconds=5)
 async def answer_task(key: str, runtime: Runtime, role: str, shard: str, problems: list[Problem]) -> list[Trajectory]:
     return await answer_shard(runtime.teacher(role), problems, shard, runtime.problem_slots(role))
 
 
-@task(name="grade-shard", cache_key_fn=_by_key, persist_result=True)
+@task(name="grade-shard", cache_key_fn=key_parameter, persist_result=True)
 async def grade_task(
     key: str, grader: Grader, trajectories: list[Trajectory], problems: list[Problem], system_prompt: str | None
 ) -> list[GradedTrajectory]:
@@ -75,7 +72,7 @@ async def grade_task(
     return await asyncio.to_thread(grade_shard, trajectories, problems, grader, system_prompt)
 
 
-@task(name="stitch-shard", cache_key_fn=_by_key, persist_result=True)
+@task(name="stitch-shard", cache_key_fn=key_parameter, persist_result=True)
 def stitch_task(key: str, recipe: Recipe, problems: list[Problem], graded: list[GradedTrajectory]):
     spec = recipe.stitching
     return stitch_shard(problems, graded, load_prompt(spec.transitions), spec.order, spec.seed, recipe.system_prompt)

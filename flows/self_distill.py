@@ -36,7 +36,7 @@ from flows.publishing.rounds import RoundSummary, plot_accuracy, summarise_round
 from flows.publishing.self_distill_outputs import publish_round
 from flows.stages.selection import problem_stats, round_stats, select
 from flows.stages.self_distillation import build_examples, needed_teacher_parts, reuse_index, samples_frame
-from flows.stages.shards import answer_shard, content_key, grade_shard, scoped_run_token, shard_name, split_shards
+from flows.stages.shards import answer_shard, content_key, grade_shard, key_parameter, scoped_run_token, shard_name, split_shards
 from flows.teachers.students import (
     StudentRuntime,
     build_student_runtime,
@@ -52,21 +52,17 @@ from schemas.records import GradedTrajectory, Problem, SelfDistillExample, SelfD
 STAGE_VERSION = "1"
 
 
-def _by_key(context, parameters) -> str:  # noqa: ANN001 - Prefect's cache_key_fn signature
-    return parameters["key"]
-
-
-@task(name="sample-shard", cache_key_fn=_by_key, persist_result=True, retries=1, retry_delay_seconds=5)
+@task(name="sample-shard", cache_key_fn=key_parameter, persist_result=True, retries=1, retry_delay_seconds=5)
 async def sample_task(key: str, runtime: StudentRuntime, shard: str, problems: list[Problem], k: int):
     return await answer_shard(runtime.student, problems, shard, runtime.slots(), samples=k)
 
 
-@task(name="grade-samples", cache_key_fn=_by_key, persist_result=True)
+@task(name="grade-samples", cache_key_fn=key_parameter, persist_result=True)
 async def grade_task(key: str, grader: Grader, samples, problems: list[Problem], system_prompt: str | None):
     return await asyncio.to_thread(grade_shard, samples, problems, grader, system_prompt)
 
 
-@task(name="teacher-part", cache_key_fn=_by_key, persist_result=True, retries=1, retry_delay_seconds=5)
+@task(name="teacher-part", cache_key_fn=key_parameter, persist_result=True, retries=1, retry_delay_seconds=5)
 async def teacher_part_task(key: str, runtime: StudentRuntime, grader: Grader, shard: str, needed, problems):
     return await runtime.teacher_parts(needed, problems, grader, shard)
 

@@ -56,6 +56,11 @@ def scoped_run_token(state_dir: Path) -> str:
     return path.read_text().strip()
 
 
+def key_parameter(context, parameters) -> str:  # noqa: ANN001 - Prefect's cache_key_fn signature
+    """Prefect cache key of a stage task: its `key` parameter, a `content_key` of its inputs."""
+    return parameters["key"]
+
+
 def content_key(*parts: object) -> str:
     """Content address of a stage's inputs (pydantic models are dumped to JSON)."""
     digest = hashlib.sha256()
