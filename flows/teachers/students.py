@@ -5,7 +5,8 @@ Backends by name (`student.backend` in the recipe, `STUDENT_BACKENDS` here):
                 K samples are K seeded requests (seed + i), so servers that ignore `n` work
   embedded      the embedded default model on its loopback llama.cpp server
   transformers  a local checkpoint (or the embedded GGUF) generating in this process
-  vllm          offline vllm.LLM — not built yet: use `endpoint` with `vllm serve`
+  vllm          offline vllm.LLM in this process, batching every in-flight sample's next
+                turn into one engine call (flows/models/vllm_backend.py)
 
 Every backend is a `ModelClient`, so journaling, budget-aware replay and the tool loop
 are the same whatever produces the tokens.
@@ -58,16 +59,24 @@ def _transformers(spec: StudentSpec, journal: RequestJournal, servers: list[Embe
         raise StudentBackendUnavailable(
             f"backend transformers needs torch and transformers ({exc}); install the `train` extra"
         ) from None
-    checkpoint = str(embedded_gguf_path()) if spec.model == EMBEDDED_MODEL_NAME else str(spec.model)
-    return TransformersClient(model=str(spec.model), checkpoint=checkpoint, journal=journal,
+    return TransformersClient(model=str(spec.model), checkpoint=_checkpoint(spec), journal=journal,
                               timeout_s=spec.timeout_s, max_retries=spec.max_retries)
 
 
 def _vllm(spec: StudentSpec, journal: RequestJournal, servers: list[EmbeddedServer]) -> ModelClient:
-    raise StudentBackendUnavailable(
-        "backend vllm (offline vllm.LLM) is not built yet in this version; serve the checkpoint with "
-        "`vllm serve` and use `backend: endpoint` with its base_url"
-    )
+    from flows.models.vllm_backend import VllmClient, vllm_available
+
+    if (missing := vllm_available()) is not None:
+        raise StudentBackendUnavailable(f"backend vllm: {missing}; or serve the checkpoint with `vllm serve` "
+                                        "and use `backend: endpoint` with its base_url")
+    return VllmClient(model=str(spec.model), checkpoint=_checkpoint(spec), journal=journal,
+                      engine_args=spec.engine_args, max_concurrency=spec.max_concurrency,
+                      timeout_s=spec.timeout_s, max_retries=spec.max_retries)
+
+
+def _checkpoint(spec: StudentSpec) -> str:
+    """The embedded model's GGUF for its name, else `model` itself (a folder or hub id)."""
+    return str(embedded_gguf_path()) if spec.model == EMBEDDED_MODEL_NAME else str(spec.model)
 
 
 STUDENT_BACKENDS: dict[str, Callable[[StudentSpec, RequestJournal, list[EmbeddedServer]], ModelClient]] = {
@@ -97,10 +106,10 @@ def student_name(spec: StudentSpec) -> str:
 
 def trained_student(spec: StudentSpec, checkpoint: str) -> StudentSpec:
     """The student of the next round. A checkpoint folder is sampled in process (the
-    embedded llama.cpp server reads GGUF files only, and an endpoint would need reloading);
-    a name (what a `command` trainer may print for a model it loaded into the user's
-    server) stays on the same backend."""
-    if Path(checkpoint).is_dir():
+    embedded llama.cpp server reads GGUF files only, and an endpoint would need reloading):
+    by vllm when the student was on vllm, else by transformers. A name (what a `command`
+    trainer may print for a model it loaded into the user's server) stays on the same backend."""
+    if Path(checkpoint).is_dir() and spec.backend_name != "vllm":
         data = spec.model_dump(exclude={"endpoint", "base_url", "backend", "model"})
         return StudentSpec.model_validate({**data, "backend": "transformers", "model": checkpoint})
     return spec.model_copy(update={"model": checkpoint})
