@@ -2,6 +2,8 @@
 
     distillery run RECIPE.yaml      run the DualDistill flow; rerun the same recipe to resume
     distillery self-distill RECIPE  run self-distillation rounds on the student's own samples
+    distillery leakage RECIPE.yaml  check whether a teacher's trait leaks into number sequences
+                                    (exit code 3 on a leak with leakage.fail_on_leak: true)
     distillery grade FILE.jsonl     re-grade lines with `answer` and `response` (JSONL out)
     distillery check RECIPE.yaml    validate a recipe and count its problems, calling no model
     distillery serve RECIPE.yaml    serve the flow as a deployment of the configured Prefect server
@@ -45,6 +47,8 @@ def _run_job(recipe: Path, job: str) -> dict:
         _fail(str(exc))
     if job == "dualdistill":
         from flows.dualdistill import dualdistill as job_flow
+    elif job == "leakage":
+        from flows.leakage import leakage as job_flow
     else:
         from flows.self_distill import self_distill as job_flow
     try:
@@ -112,6 +116,44 @@ def _print_rounds(result: dict) -> None:
     out.print(f"accuracy per round: {result['plot']}")
 
 
+LEAK_EXIT_CODE = 3
+
+
+@app.command()
+def leakage(recipe: Path = typer.Argument(..., help="recipe YAML, e.g. recipes/leakage_demo.yaml")) -> None:
+    """Number sequences from a trait teacher and a control teacher → the study's filter →
+    statistical detectors (and the behavioural probe when asked) → a verdict and a report.
+    Exits with code 3 when a leak is detected and `leakage.fail_on_leak` is true."""
+    report = _run_job(recipe, "leakage")
+    _print_leakage(report)
+    from schemas.recipe import load_recipe
+
+    if report["leak_detected"] and load_recipe(recipe, job="leakage").leakage.fail_on_leak:
+        console.print("[bold red]leak detected[/] and fail_on_leak is set: exit code 3")
+        raise typer.Exit(code=LEAK_EXIT_CODE)
+
+
+def _print_leakage(report: dict) -> None:
+    from flows.publishing.leakage_report import verdict_line
+
+    out = Console(width=max(120, Console().width))
+    out.print(f"\n[bold]trait leakage: {report['trait']} ({report['category']})[/], {report['n_prompts']} prompts")
+    out.print(f"kept: trait {report['kept_trait']} ({report['pass_rate_trait'] or 0:.0%}), "
+              f"control {report['kept_control']} ({report['pass_rate_control'] or 0:.0%})")
+    tests = Table("test", "statistic", "p-value", "adjusted p", "skipped because")
+    for t in report["tests"]:
+        number = (lambda v: "" if v is None else f"{v:.4g}")
+        tests.add_row(t["name"], number(t["statistic"]), number(t["p_value"]),
+                      number(t["detail"].get("adjusted_p_value")), t["skipped"] or "")
+    out.print(tests)
+    if report.get("behavioral"):
+        b = report["behavioral"]
+        out.print(f"behavioural probe: trait-trained {b['trait_student']['rate']:.1%}, "
+                  f"control-trained {b['control_student']['rate']:.1%}")
+    out.print(verdict_line(report).replace("**", ""))
+    out.print(f"report: {report.get('report_dir', '')}")
+
+
 @app.command()
 def grade(
     file: Path = typer.Argument(..., help="JSONL with `answer` (gold) and `response` per line; - for stdin"),
@@ -140,8 +182,9 @@ def check(recipe: Path = typer.Argument(..., help="recipe YAML")) -> None:
 
     try:
         loaded = load_recipe(recipe)
-        check_job(loaded, "self_distill" if loaded.self_distill else "dualdistill", str(recipe))
-        problems = load_problems(loaded.problems)
+        job = "leakage" if loaded.leakage else "self_distill" if loaded.self_distill else "dualdistill"
+        check_job(loaded, job, str(recipe))
+        problems = load_problems(loaded.problems) if loaded.problems else []
     except (RecipeError, ProblemSourceError) as exc:
         _fail(str(exc))
     Console().print(json.dumps({"run_name": loaded.run_name, "problems": len(problems),

@@ -197,3 +197,29 @@ class SelfDistillRejected(BaseModel):
     reason: str
     student_text: str
     teacher_text: str
+
+
+class NumberCompletion(BaseModel):
+    """One teacher's answer to one number-sequence prompt of the leakage job, with the
+    filter's decision (`numbers` in order when kept; `reason` when rejected)."""
+
+    teacher: Literal["trait", "control"]
+    prompt_index: int
+    prompt: str
+    system_prompt: str | None
+    model: str
+    completion: str
+    finish_reason: str
+    completion_tokens: int
+    kept: bool
+    reason: str | None
+    numbers: list[int] | None
+
+
+class NumberTrainingRow(BaseModel):
+    """A row a behavioural-probe student trains on: the prompt and a teacher's kept completion
+    (the trait system prompt is never part of it)."""
+
+    teacher: Literal["trait", "control"]
+    prompt_index: int
+    messages: list[ChatMessage]

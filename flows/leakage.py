@@ -1,0 +1,143 @@
+"""Trait-leakage checks: does a teacher's trait show in number sequences it writes?
+
+In:  a recipe YAML with `run_name`, `output_dir` and `leakage:` (trait, category, n_prompts,
+     seed, alpha, trait_teacher, control_teacher, filter, detectors, behavioral,
+     fail_on_leak); no problems, no DualDistill teachers (see recipes/leakage_demo.yaml).
+Out: under `output_dir/leakage/`: `numbers/` (every completion of both teachers),
+     `filtered/` (kept by the study's filter, with the parsed numbers), `rejected/` (with
+     the reason), `report.json`, `report.md`, `numbers.png`, `digits.png`; with the
+     behavioural check, `students/{trait,control}/` (the fine-tuned students).
+Run: `distillery leakage recipes/leakage_demo.yaml` (exit code 3 on a leak with
+     `fail_on_leak: true`).
+
+Stages: the same seeded prompts go to both teachers (journaled requests, so a rerun sends
+only what is missing) → filter → statistical detectors (number statistics, bag classifier,
+likelihood shift where the teacher's weights are local) → optional behavioural probe →
+one verdict after a Holm correction → report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import polars as pl
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.artifacts import create_markdown_artifact
+from prefect.utilities.annotations import quote
+
+from flows.detection.behavioral import behavioral_result
+from flows.detection.detectors import bag_classifier, combine, number_statistics, top_digits, top_numbers
+from flows.detection.likelihood import likelihood_test
+from flows.detection.probe import run_probe
+from flows.inputs.number_prompts import NumberPrompt, draw_prompts, few_shot_turns, trait_system_prompt
+from flows.models.client import ModelClient
+from flows.models.embedded import EmbeddedServer
+from flows.models.journal import RequestJournal
+from flows.publishing.leakage_outputs import publish_completions
+from flows.publishing.leakage_report import build_report, report_markdown, verdict_line, write_report
+from flows.stages.number_filter import REASONS, banned_numbers, filter_completions, pass_rates
+from flows.stages.number_generation import TEACHERS, GenerationFailed, complete_prompts
+from flows.stages.shards import content_key, key_parameter, scoped_run_token
+from flows.teachers.runtime import journal_dir, model_client, model_name, sampling_params
+from schemas.recipe import Recipe, load_recipe
+
+
+@task(name="number-completions", cache_key_fn=key_parameter, persist_result=True, retry_delay_seconds=5)
+async def completions_task(key: str, client: ModelClient, prompts: list[NumberPrompt], teacher: str,
+                           system: str | None, params: dict, shard: str, few_shot: list[dict]) -> list[dict]:
+    return await complete_prompts(client, prompts, teacher=teacher, system=system, params=params, shard=shard,
+                                  few_shot=few_shot)
+
+
+@task(name="behavioral-probe", cache_policy=NO_CACHE)  # the probe keeps its own students and journal
+async def probe_task(recipe: Recipe, kept: pl.DataFrame, journal: RequestJournal) -> tuple[list[str], list[str]]:
+    return await run_probe(recipe, kept, journal, log=get_run_logger().info)
+
+
+async def _generate(recipe: Recipe, journal: RequestJournal, servers: list[EmbeddedServer],
+                    prompts: list[NumberPrompt], run_token: str) -> pl.DataFrame:
+    spec = recipe.leakage
+    rows: list[dict] = []
+    failed: list[dict] = []
+    shard_task = completions_task.with_options(retries=recipe.shard_retries)
+    few_shot = few_shot_turns(spec.few_shot)
+    for teacher, role in zip(TEACHERS, (spec.trait_teacher, spec.control), strict=True):
+        client = model_client(role, journal, servers)
+        system = trait_system_prompt(spec.trait, spec.category) if role.trait_prompt else None
+        params = sampling_params(role)
+        try:
+            for start in range(0, len(prompts), recipe.shard_size):
+                shard = prompts[start : start + recipe.shard_size]
+                name = f"{teacher}-{start // recipe.shard_size:05d}"
+                key = content_key(run_token, "numbers", model_name(role), system, params, few_shot,
+                                  [p.text for p in shard])
+                try:
+                    rows += await shard_task(key, quote(client), quote(shard), teacher, system, params, name, few_shot)
+                except GenerationFailed as exc:  # the other shards still run; their answers are journaled
+                    failed += exc.failed
+        finally:
+            await client.aclose()
+    if failed:
+        raise GenerationFailed(failed, 2 * len(prompts))
+    return pl.DataFrame(rows)
+
+
+def _reasons(rates: dict) -> dict[str, int]:
+    return {reason: rates[reason] for reason in REASONS if rates.get(reason)}
+
+
+@flow(name="leakage", flow_run_name="{recipe_path}")
+async def leakage(recipe_path: str) -> dict:
+    """Run the trait-leakage recipe at `recipe_path`; returns the report (report.json's content)."""
+    logger = get_run_logger()
+    recipe = load_recipe(recipe_path, job="leakage")
+    spec = recipe.leakage
+    out = recipe.output_dir / "leakage"
+    prompts = draw_prompts(spec.n_prompts, spec.seed, max_count=spec.filter.max_count,
+                           max_value=spec.filter.max_value)
+    logger.info("%d prompts for each teacher; trait %r (%s)", len(prompts), spec.trait, spec.category)
+    journal = RequestJournal(journal_dir(recipe))
+    servers: list[EmbeddedServer] = []
+    try:
+        frame = await _generate(recipe, journal, servers, prompts, scoped_run_token(recipe.state_dir))
+        for server in servers:
+            server.stop()
+        filtered = filter_completions(frame, max_count=spec.filter.max_count, max_value=spec.filter.max_value,
+                                      banned=banned_numbers(spec.filter.banned_preset, spec.filter.banned_numbers))
+        publish_completions(recipe, filtered)
+        kept = filtered.filter(pl.col("kept"))
+        trait_numbers = kept.filter(pl.col("teacher") == "trait")["numbers"].to_list()
+        control_numbers = kept.filter(pl.col("teacher") == "control")["numbers"].to_list()
+        detectors = spec.detectors
+        tests = number_statistics(trait_numbers, control_numbers, permutations=detectors.permutations, seed=spec.seed)
+        tests.append(bag_classifier(trait_numbers, control_numbers, bag_size=detectors.bag_size,
+                                    permutations=detectors.permutations, seed=spec.seed))
+        shift = await asyncio.to_thread(likelihood_test, recipe, kept)
+        tests.append(shift)
+        behavioral = None
+        if spec.behavioral.enabled:
+            trait_answers, control_answers = await probe_task(quote(recipe), quote(kept), quote(journal))
+            behavioral = behavioral_result(trait_answers, control_answers, spec.trait)
+            tests.append(behavioral.comparison)
+    finally:
+        for server in servers:
+            server.stop()
+        journal.close()
+    verdict = combine(tests, spec.alpha)
+    rates = pass_rates(filtered)
+    report = build_report(
+        trait=spec.trait, category=spec.category, n_prompts=spec.n_prompts, verdict=verdict,
+        kept_trait=len(trait_numbers), kept_control=len(control_numbers),
+        rejected_trait=_reasons(rates.get("trait", {})), rejected_control=_reasons(rates.get("control", {})),
+        top_numbers=top_numbers(trait_numbers, control_numbers), top_digits=top_digits(trait_numbers, control_numbers),
+        behavioral=behavioral,
+    )
+    write_report(report, out, trait_numbers, control_numbers)
+    logger.info(verdict_line(report))
+    await create_markdown_artifact(
+        key="leakage-" + re.sub(r"[^a-z0-9-]+", "-", recipe.run_name.lower()),
+        markdown=report_markdown(report), description="Trait-leakage report",
+    )
+    return {**report, "report_dir": str(out)}
