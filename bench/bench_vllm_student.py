@@ -6,7 +6,8 @@ problems, prompt, sampling and checkpoint (the embedded SmolLM2 GGUF, converted 
 safetensors since vLLM's CPU build cannot read GGUF):
   offline  backend `vllm`: one `vllm.LLM` in this process, every in-flight sample's next
            turn batched into one `LLM.generate` call
-  server   backend `endpoint`: `python -m vllm.entrypoints.openai.api_server` on loopback,
+  server   backend `endpoint`: `python -m vllm.entrypoints.openai.api_server` on loopback
+           (the engine settings the offline side gets by default on a CPU),
            one HTTP request per sample and turn, all samples in flight at once
 Each side starts from an empty journal; engine and server start-up are not timed. Figures:
 student completion tokens per second of wall time (the sandbox runs included), requests,
@@ -33,7 +34,7 @@ from flows.execution.sandbox import make_sandbox
 from flows.inputs.problems import arithmetic_problems
 from flows.models.embedded import EMBEDDED_MODEL_NAME, embedded_gguf_path
 from flows.models.journal import RequestJournal
-from flows.models.vllm_backend import servable_checkpoint
+from flows.models.vllm_backend import servable_checkpoint, shutdown_engines
 from flows.teachers.students import build_student
 from schemas.recipe import StudentSpec
 
@@ -100,11 +101,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         offline = StudentSpec(backend="vllm", model=EMBEDDED_MODEL_NAME, engine_args={"dtype": args.dtype}, **common)
         results["offline"] = asyncio.run(_sample_all(offline, problems, args.k, Path(tmp, "offline")))
+        shutdown_engines()  # its idle workers would compete with the server for the cores
 
         port = _free_port()
         command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoint,
                    "--served-model-name", EMBEDDED_MODEL_NAME, "--port", str(port), "--dtype", args.dtype,
-                   "--enable-prefix-caching", "--disable-log-requests"]
+                   "--enable-prefix-caching", "--no-enable-chunked-prefill", "--gpu-memory-utilization", "0.25"]
         log = open(Path(tmp, "server.log"), "w")
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
         try:

