@@ -7,6 +7,7 @@
     distillery grade FILE.jsonl     re-grade lines with `answer` and `response` (JSONL out)
     distillery check RECIPE.yaml    validate a recipe and count its problems, calling no model
     distillery serve RECIPE.yaml    serve the flow as a deployment of the configured Prefect server
+    distillery deploy RECIPE.yaml   register a deployment on the server, for a work pool's workers
 """
 
 from __future__ import annotations
@@ -187,7 +188,8 @@ def check(recipe: Path = typer.Argument(..., help="recipe YAML")) -> None:
         problems = load_problems(loaded.problems) if loaded.problems else []
     except (RecipeError, ProblemSourceError) as exc:
         _fail(str(exc))
-    Console().print(json.dumps({"run_name": loaded.run_name, "problems": len(problems),
+    counts = {"prompts": loaded.leakage.n_prompts} if job == "leakage" else {"problems": len(problems)}
+    Console().print(json.dumps({"run_name": loaded.run_name, "job": job, **counts,
                                 "output_dir": str(loaded.output_dir)}))
 
 
@@ -213,6 +215,33 @@ def serve(
         name=loaded.run_name, parameters={"recipe_path": str(recipe.resolve())}, cron=cron, interval=interval
     )
     prefect_serve(deployment)
+
+
+@app.command()
+def deploy(
+    recipe: Path = typer.Argument(..., help="recipe YAML; its content becomes the deployment's `recipe` parameter"),
+    pool: str = typer.Option("distillery", help="work pool whose workers run it (create it with "
+                             "`prefect work-pool create --type process NAME`)"),
+    cron: str | None = typer.Option(None, help="cron schedule, e.g. '0 3 * * *'"),
+    name: str | None = typer.Option(None, help="deployment name (default: the recipe's run_name)"),
+) -> None:
+    """Register a deployment of the recipe's flow on the Prefect server (PREFECT_API_URL),
+    with the recipe's content as a validated parameter: a worker needs the code, not the file.
+    Start a worker with `prefect worker start --pool NAME`."""
+    import yaml
+
+    from flows.orchestration.deployments import DeployError, register_deployment
+    from schemas.recipe import RecipeError, check_job, load_recipe
+
+    try:
+        loaded = load_recipe(recipe)
+        job = "leakage" if loaded.leakage else "self_distill" if loaded.self_distill else "dualdistill"
+        check_job(loaded, job, str(recipe))
+        content = yaml.safe_load(recipe.read_text())
+        deployment = register_deployment(job, content, name or loaded.run_name, pool=pool, cron=cron)
+    except (RecipeError, DeployError) as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(deployment))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from flows.inputs.problems import load_problems
 from flows.inputs.prompts import load_prompt
 from flows.publishing.report import RunSummary, summarise, summary_markdown
 from flows.teachers.runtime import Runtime, build_runtime, teacher_fingerprint
+from flows.orchestration.runs import flow_run_name
 from flows.stages.shards import (
     ShardFailed,
     answer_shard,
@@ -45,7 +46,7 @@ from flows.stages.shards import (
     split_shards,
 )
 from flows.stages.stitching import stitch_shard
-from schemas.recipe import Recipe, load_recipe
+from schemas.recipe import Recipe, flow_recipe
 from schemas.records import Composite, GradedTrajectory, Problem, Rejected, Trajectory
 
 STAGE_VERSION = "2"  # bump when a stage's output format changes, to invalidate cached results
@@ -117,12 +118,12 @@ def _failure_message(failures: list[BaseException]) -> str:
     return "\n".join(lines)
 
 
-@flow(name="dualdistill", flow_run_name="{recipe_path}")
-async def dualdistill(recipe_path: str) -> dict:
+@flow(name="dualdistill", flow_run_name=flow_run_name)
+async def dualdistill(recipe_path: str | None = None, recipe: dict | None = None) -> dict:
     """Run the recipe at `recipe_path`; returns the run summary as a dict."""
     started = time.perf_counter()
     logger = get_run_logger()
-    recipe = load_recipe(recipe_path, job="dualdistill")
+    recipe = flow_recipe(recipe_path, recipe, "dualdistill")
     problems = load_problems(recipe.problems)  # fast and fails early: no task round trip
     shards = split_shards(problems, recipe.shard_size)
     logger.info("%d problems in %d shard(s) of up to %d", len(problems), len(shards), recipe.shard_size)

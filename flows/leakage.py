@@ -39,9 +39,10 @@ from flows.publishing.leakage_outputs import publish_completions
 from flows.publishing.leakage_report import build_report, report_markdown, verdict_line, write_report
 from flows.stages.number_filter import REASONS, banned_numbers, filter_completions, pass_rates
 from flows.stages.number_generation import TEACHERS, GenerationFailed, complete_prompts
+from flows.orchestration.runs import flow_run_name
 from flows.stages.shards import content_key, key_parameter, scoped_run_token
 from flows.teachers.runtime import journal_dir, model_client, model_name, sampling_params
-from schemas.recipe import Recipe, load_recipe
+from schemas.recipe import Recipe, flow_recipe
 
 
 @task(name="number-completions", cache_key_fn=key_parameter, persist_result=True, retry_delay_seconds=5)
@@ -88,11 +89,11 @@ def _reasons(rates: dict) -> dict[str, int]:
     return {reason: rates[reason] for reason in REASONS if rates.get(reason)}
 
 
-@flow(name="leakage", flow_run_name="{recipe_path}")
-async def leakage(recipe_path: str) -> dict:
+@flow(name="leakage", flow_run_name=flow_run_name)
+async def leakage(recipe_path: str | None = None, recipe: dict | None = None) -> dict:
     """Run the trait-leakage recipe at `recipe_path`; returns the report (report.json's content)."""
     logger = get_run_logger()
-    recipe = load_recipe(recipe_path, job="leakage")
+    recipe = flow_recipe(recipe_path, recipe, "leakage")
     spec = recipe.leakage
     out = recipe.output_dir / "leakage"
     prompts = draw_prompts(spec.n_prompts, spec.seed, max_count=spec.filter.max_count,

@@ -36,6 +36,7 @@ from flows.publishing.rounds import RoundSummary, plot_accuracy, summarise_round
 from flows.publishing.self_distill_outputs import publish_round
 from flows.stages.selection import problem_stats, round_stats, select
 from flows.stages.self_distillation import build_examples, needed_teacher_parts, reuse_index, samples_frame
+from flows.orchestration.runs import flow_run_name
 from flows.stages.shards import answer_shard, content_key, grade_shard, key_parameter, scoped_run_token, shard_name, split_shards
 from flows.teachers.students import (
     StudentRuntime,
@@ -46,7 +47,7 @@ from flows.teachers.students import (
     trained_student,
 )
 from flows.training.trainers import make_trainer
-from schemas.recipe import Recipe, StudentSpec, load_recipe
+from schemas.recipe import Recipe, StudentSpec, flow_recipe
 from schemas.records import GradedTrajectory, Problem, SelfDistillExample, SelfDistillRejected
 
 STAGE_VERSION = "1"
@@ -121,11 +122,11 @@ async def _round(recipe: Recipe, runtime: StudentRuntime, grader: Grader, shards
     return summary
 
 
-@flow(name="self-distill", flow_run_name="{recipe_path}")
-async def self_distill(recipe_path: str) -> dict:
+@flow(name="self-distill", flow_run_name=flow_run_name)
+async def self_distill(recipe_path: str | None = None, recipe: dict | None = None) -> dict:
     """Run the self-distillation recipe at `recipe_path`; returns the per-round summaries."""
     logger = get_run_logger()
-    recipe = load_recipe(recipe_path, job="self_distill")
+    recipe = flow_recipe(recipe_path, recipe, "self_distill")
     problems = load_problems(recipe.problems)
     shards = split_shards(problems, recipe.shard_size)
     spec = recipe.self_distill

@@ -397,3 +397,15 @@ def load_recipe(path: str | Path, base_dir: Path | None = None, job: Job | None 
         raise RecipeError(f"{path}: not valid YAML: {exc}") from None
     recipe = parse_recipe(data, source=str(path), base_dir=base_dir or Path.cwd())
     return check_job(recipe, job, str(path)) if job else recipe
+
+
+def flow_recipe(recipe_path: str | None, recipe: dict | None, job: Job) -> Recipe:
+    """The recipe a flow run works on: the YAML file at `recipe_path`, or `recipe`, the
+    recipe's content passed as a deployment parameter (so a worker on another machine needs
+    no local file; relative paths then resolve against the worker's working directory)."""
+    if recipe is not None:
+        source = "deployment parameter `recipe`"
+        return check_job(parse_recipe(recipe, source=source, base_dir=Path.cwd()), job, source)
+    if not recipe_path:
+        raise RecipeError(f"the {job} flow needs `recipe_path` (a YAML file) or `recipe` (its content)")
+    return load_recipe(recipe_path, job=job)

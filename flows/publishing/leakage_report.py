@@ -170,9 +170,11 @@ def verdict_line(report: Mapping[str, Any]) -> str:
 def _tests_table(tests: Sequence[Mapping[str, Any]]) -> str:
     if not tests:
         return "No tests."
-    rows = [f"| {t['name']} | {_number(t['statistic'])} | {_number(t['p_value'])} | {t['skipped'] or ''} |"
+    rows = [f"| {t['name']} | {_number(t['statistic'])} | {_number(t['p_value'])} "
+            f"| {_number((t.get('detail') or {}).get('adjusted_p_value'))} | {t['skipped'] or ''} |"
             for t in tests]
-    return "\n".join(["| test | statistic | p-value | skipped because |", "|---|---|---|---|", *rows])
+    return "\n".join(["| test | statistic | p-value | adjusted p | skipped because |", "|---|---|---|---|---|",
+                      *rows])
 
 
 def _filter_tables(report: Mapping[str, Any]) -> str:

@@ -1,0 +1,1 @@
+"""Prefect around the flows: deployments for work pools, and what every flow run shares."""
