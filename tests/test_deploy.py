@@ -12,7 +12,7 @@ from pathlib import Path
 import datasets
 import pytest
 import yaml
-from fake_openai import FakeOpenAIServer
+from fake_openai import FakeOpenAIServer, Reply, teacher_role
 from flow_helpers import ScriptedTeachers, write_problems
 from typer.testing import CliRunner
 
@@ -107,3 +107,66 @@ def test_a_process_worker_runs_the_deployment(tmp_path):
         assert server.requests
     composites = datasets.load_dataset(str(tmp_path / "out" / "composites"), split="train")
     assert len(composites) == 3  # one problem of each kind; both_wrong is rejected
+
+
+class BrokenForOneProblem:
+    """The scripted teachers, except that while `broken` the reasoning teacher answers 500
+    for one problem (its endpoint is down for that request)."""
+
+    def __init__(self, rows: list[dict], broken_id: str) -> None:
+        self.teachers = ScriptedTeachers(rows)
+        self.broken_text = next(r["problem"] for r in rows if r["id"] == broken_id)
+        self.broken = True
+
+    def __call__(self, body: dict) -> Reply:
+        if self.broken and not teacher_role(body) == "tool" and self.broken_text in json.dumps(body["messages"]):
+            return Reply(status=500)
+        return self.teachers(body)
+
+
+def run_worker_once(pool: str, cwd: Path) -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    worker = subprocess.run([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--run-once"],
+                            env=env, cwd=cwd, capture_output=True, text=True, timeout=240)
+    return worker.stdout + worker.stderr
+
+
+@pytest.mark.slow
+def test_a_failed_flow_run_retried_through_the_api_resends_nothing_answered(tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.states import Scheduled
+
+    make_pool("retry-pool")
+    rows = write_problems(tmp_path / "p.jsonl", per_kind=1)
+    teachers = BrokenForOneProblem(rows, broken_id=rows[0]["id"])
+    with FakeOpenAIServer(teachers) as server:
+        write_recipe(tmp_path / "r.yaml", server.base_url, tmp_path / "out", tmp_path / "p.jsonl")
+        assert runner.invoke(app, ["deploy", str(tmp_path / "r.yaml"), "--pool", "retry-pool"]).exit_code == 0
+        run = run_deployment("dualdistill/deployed", timeout=0)
+        output = run_worker_once("retry-pool", tmp_path)
+        with get_client(sync_client=True) as client:
+            assert client.read_flow_run(run.id).state.is_failed(), output[-3000:]
+        first_attempt = list(server.requests)
+
+        teachers.broken = False  # the endpoint is back: retry the same flow run
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(run.id, Scheduled(), force=True)
+        output = run_worker_once("retry-pool", tmp_path)
+        with get_client(sync_client=True) as client:
+            assert client.read_flow_run(run.id).state.is_completed(), output[-3000:]
+        retried = server.requests[len(first_attempt):]
+
+    def key(body: dict) -> str:
+        return json.dumps(body, sort_keys=True)
+
+    def failed(body: dict) -> bool:  # what got a 500 in the first attempt
+        return teacher_role(body) != "tool" and teachers.broken_text in json.dumps(body["messages"])
+
+    answered = {key(b) for b in first_attempt if not failed(b)}
+    assert retried and all(failed(b) for b in retried)  # only the request that never got an answer
+    assert not {key(b) for b in retried} & answered
+    composites = datasets.load_dataset(str(tmp_path / "out" / "composites"), split="train")
+    assert len(composites) == 3
