@@ -35,11 +35,11 @@ from flows.inputs.number_prompts import NumberPrompt, draw_prompts, few_shot_tur
 from flows.models.client import ModelClient
 from flows.models.embedded import EmbeddedServer
 from flows.models.journal import RequestJournal
+from flows.orchestration.runs import flow_run_name
 from flows.publishing.leakage_outputs import publish_completions
 from flows.publishing.leakage_report import build_report, report_markdown, verdict_line, write_report
 from flows.stages.number_filter import REASONS, banned_numbers, filter_completions, pass_rates
 from flows.stages.number_generation import TEACHERS, GenerationFailed, complete_prompts
-from flows.orchestration.runs import flow_run_name
 from flows.stages.shards import content_key, key_parameter, scoped_run_token
 from flows.teachers.runtime import journal_dir, model_client, model_name, sampling_params
 from schemas.recipe import Recipe, flow_recipe
@@ -59,30 +59,35 @@ async def probe_task(recipe: Recipe, kept: pl.DataFrame, journal: RequestJournal
 
 async def _generate(recipe: Recipe, journal: RequestJournal, servers: list[EmbeddedServer],
                     prompts: list[NumberPrompt], run_token: str) -> pl.DataFrame:
+    """Every prompt to both teachers: all shards at once (each client bounds its requests in
+    flight); a shard that fails leaves the others running, and the error lists every prompt
+    that got no completion."""
     spec = recipe.leakage
-    rows: list[dict] = []
-    failed: list[dict] = []
     shard_task = completions_task.with_options(retries=recipe.shard_retries)
     few_shot = few_shot_turns(spec.few_shot)
+    clients, shards = [], []
     for teacher, role in zip(TEACHERS, (spec.trait_teacher, spec.control), strict=True):
         client = model_client(role, journal, servers)
+        clients.append(client)
         system = trait_system_prompt(spec.trait, spec.category) if role.trait_prompt else None
         params = sampling_params(role)
-        try:
-            for start in range(0, len(prompts), recipe.shard_size):
-                shard = prompts[start : start + recipe.shard_size]
-                name = f"{teacher}-{start // recipe.shard_size:05d}"
-                key = content_key(run_token, "numbers", model_name(role), system, params, few_shot,
-                                  [p.text for p in shard])
-                try:
-                    rows += await shard_task(key, quote(client), quote(shard), teacher, system, params, name, few_shot)
-                except GenerationFailed as exc:  # the other shards still run; their answers are journaled
-                    failed += exc.failed
-        finally:
+        for start in range(0, len(prompts), recipe.shard_size):
+            shard = prompts[start : start + recipe.shard_size]
+            name = f"{teacher}-{start // recipe.shard_size:05d}"
+            key = content_key(run_token, "numbers", model_name(role), system, params, few_shot, [p.text for p in shard])
+            shards.append(shard_task(key, quote(client), quote(shard), teacher, system, params, name, few_shot))
+    try:
+        results = await asyncio.gather(*shards, return_exceptions=True)
+    finally:
+        for client in clients:
             await client.aclose()
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, GenerationFailed):
+            raise result
+    failed = [row for result in results if isinstance(result, GenerationFailed) for row in result.failed]
     if failed:
         raise GenerationFailed(failed, 2 * len(prompts))
-    return pl.DataFrame(rows)
+    return pl.DataFrame([row for result in results for row in result])
 
 
 def _reasons(rates: dict) -> dict[str, int]:
