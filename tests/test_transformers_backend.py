@@ -269,7 +269,7 @@ def test_context_limit_and_cancellation():
 
 def test_generation_leaves_the_event_loop_free(tmp_path):
     client = client_for("scripted", tmp_path)
-    client._loaded = scripted("x" * 30, delay_s=0.01)  # ~0.3 s of "generation"
+    client._model = scripted("x" * 30, delay_s=0.01)  # ~0.3 s of "generation"
     ticks = 0
 
     async def ticker(done: asyncio.Event):

@@ -1,8 +1,8 @@
 """In-process generation with a Hugging Face causal LM, behind the `ModelClient` interface.
 
-`TransformersClient` is a `ModelClient` whose transport is a local checkpoint instead of an
-HTTP endpoint: `chat()` (journal keys, budget-aware replay, stats) is inherited unchanged,
-only `_connect` (load the model) and `_send_with_retries` (generate) are replaced. A fully
+`TransformersClient` is an `InProcessClient` (flows/models/in_process.py): a local checkpoint
+instead of an HTTP endpoint. `chat()` (journal keys, budget-aware replay, stats) is inherited
+unchanged; only `_load` (the model) and `_send_with_retries` (generate) are its own. A fully
 replayed rerun never loads the model.
 
 - `checkpoint`: a folder with a config and weights (`save_pretrained` output), or a GGUF
@@ -49,13 +49,13 @@ import math
 import secrets
 import threading
 import time
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flows.models.client import ChatResponse, ModelClient, ModelRequestError
+from flows.models.client import ChatResponse, ModelRequestError
 from flows.models.confidence import confidence_of
+from flows.models.in_process import InProcessClient
 from flows.models.journal import RequestJournal
 
 if TYPE_CHECKING:
@@ -326,7 +326,7 @@ def _nucleus(logits: torch.Tensor, top_p: float, candidates: int = 1024) -> torc
 
 
 @dataclass(init=False, eq=False)
-class TransformersClient(ModelClient):
+class TransformersClient(InProcessClient):
     """A `ModelClient` that generates in process with a Hugging Face causal LM.
 
     `model` is the name in the journal keys (the checkpoint path, or `EMBEDDED_MODEL_NAME`
@@ -335,7 +335,6 @@ class TransformersClient(ModelClient):
     `base_url`, concurrency, timeouts and retries have no use here.
     """
 
-    checkpoint: str = ""
     num_threads: int = 1
     dtype: str = "float32"
 
@@ -349,39 +348,22 @@ class TransformersClient(ModelClient):
         dtype: str = "float32",
         **fields: Any,
     ) -> None:
-        fields.setdefault("base_url", f"transformers:{checkpoint}")
-        super().__init__(model=model, journal=journal, **fields)
-        self.checkpoint = str(checkpoint)
+        super().__init__(model, checkpoint, journal, scheme="transformers", **fields)
         self.num_threads = num_threads
         self.dtype = dtype
-        self._loaded: LoadedModel | None = None
-        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
 
     @property
     def loaded(self) -> LoadedModel | None:
         """The model, once a request has needed it (None while everything replayed)."""
-        return self._loaded
+        return self._model
 
-    async def _connect(self) -> LoadedModel:  # type: ignore[override]
-        if self._loaded is None:
-            self._loaded = await asyncio.to_thread(load_checkpoint, self.checkpoint, self.dtype)
-        return self._loaded
-
-    def _loop_lock(self) -> asyncio.Lock:
-        loop = asyncio.get_running_loop()
-        lock = self._locks.get(loop)
-        if lock is None:
-            lock = self._locks[loop] = asyncio.Lock()
-        return lock
+    def _load(self) -> LoadedModel:
+        return load_checkpoint(self.checkpoint, self.dtype)
 
     async def _send_with_retries(
         self, messages: list[dict[str, Any]], params: dict[str, Any], tools: list[dict[str, Any]] | None
     ) -> ChatResponse:
-        if tools:
-            raise ModelRequestError(
-                self.endpoint, self.model,
-                "function calling (tools) is not supported by the transformers backend; use the tags protocol",
-            )
+        self.refuse_tools(tools)
         try:
             sampling = Sampling.from_params({**self.extra_body, **params})
         except (TypeError, ValueError) as exc:
@@ -393,7 +375,7 @@ class TransformersClient(ModelClient):
                 self.endpoint, self.model, f"could not load {self.checkpoint}: {type(exc).__name__}: {exc}"
             ) from exc
         cancel = threading.Event()
-        async with self._loop_lock():
+        async with self.per_loop(asyncio.Lock):
             try:
                 return await asyncio.to_thread(self._answer, loaded, messages, sampling, cancel)
             except asyncio.CancelledError:

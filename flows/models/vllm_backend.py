@@ -40,13 +40,13 @@ import hashlib
 import logging
 import threading
 import time
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flows.models.client import ChatResponse, ModelClient, ModelRequestError
+from flows.models.client import ChatResponse, ModelRequestError
 from flows.models.confidence import confidence_of
+from flows.models.in_process import InProcessClient
 from flows.models.journal import RequestJournal
 from flows.models.transformers_backend import render_prompt
 
@@ -248,7 +248,7 @@ class _Batcher:
 
 
 @dataclass(init=False, eq=False)
-class VllmClient(ModelClient):
+class VllmClient(InProcessClient):
     """A `ModelClient` that generates with an offline `vllm.LLM`, batching concurrent requests.
 
     `model` is the name in the journal keys (the checkpoint path, or `EMBEDDED_MODEL_NAME`
@@ -256,7 +256,6 @@ class VllmClient(ModelClient):
     hub id or GGUF file. `max_concurrency` bounds the samples waiting at once (a batch's size).
     """
 
-    checkpoint: str = ""
     engine_args: dict[str, Any] = field(default_factory=dict)
     gather_s: float = 0.05
     max_wait_s: float = 0.5
@@ -272,39 +271,25 @@ class VllmClient(ModelClient):
         max_wait_s: float = 0.5,
         **fields: Any,
     ) -> None:
-        fields.setdefault("base_url", f"vllm:{checkpoint}")
-        super().__init__(model=model, journal=journal, **fields)
-        self.checkpoint = str(checkpoint)
+        super().__init__(model, checkpoint, journal, scheme="vllm", **fields)
         self.engine_args = dict(engine_args or {})
         self.gather_s, self.max_wait_s = gather_s, max_wait_s
-        self._engine: Engine | None = None
-        self._batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Batcher] = weakref.WeakKeyDictionary()
 
     @property
     def engine(self) -> Engine | None:
         """The engine, once a request has needed it (None while everything replayed)."""
-        return self._engine
+        return self._model
 
-    async def _connect(self) -> Engine:  # type: ignore[override]
-        if self._engine is None:
-            self._engine = await asyncio.to_thread(load_engine, self.checkpoint, self.engine_args)
-        return self._engine
+    def _load(self) -> Engine:
+        return load_engine(self.checkpoint, self.engine_args)
 
     def _batcher(self, engine: Engine) -> _Batcher:
-        loop = asyncio.get_running_loop()
-        batcher = self._batchers.get(loop)
-        if batcher is None:
-            batcher = self._batchers[loop] = _Batcher(engine, self.gather_s, self.max_wait_s, self.max_concurrency)
-        return batcher
+        return self.per_loop(lambda: _Batcher(engine, self.gather_s, self.max_wait_s, self.max_concurrency))
 
     async def _send_with_retries(
         self, messages: list[dict[str, Any]], params: dict[str, Any], tools: list[dict[str, Any]] | None
     ) -> ChatResponse:
-        if tools:
-            raise ModelRequestError(
-                self.endpoint, self.model,
-                "function calling (tools) is not supported by the vllm backend; use the tags protocol",
-            )
+        self.refuse_tools(tools)
         try:
             engine = await self._connect()
         except Exception as exc:  # noqa: BLE001 - reported with its cause
@@ -323,9 +308,9 @@ class VllmClient(ModelClient):
 
     async def aclose(self) -> None:
         """Stops this client's batchers; the engine stays loaded for the next client."""
-        for batcher in list(self._batchers.values()):
+        for batcher in list(self._per_loop.values()):
             batcher.close()
-        self._batchers.clear()
+        self._per_loop.clear()
 
 
 def _response(output: Any, latency: float, want_logprobs: bool) -> ChatResponse:
