@@ -170,3 +170,30 @@ def test_a_failed_flow_run_retried_through_the_api_resends_nothing_answered(tmp_
     assert not {key(b) for b in retried} & answered
     composites = datasets.load_dataset(str(tmp_path / "out" / "composites"), split="train")
     assert len(composites) == 3
+
+
+def test_a_cron_schedule_creates_runs_on_the_server(tmp_path):
+    """The server's scheduler turns the deployment's cron into scheduled flow runs, each with
+    the recipe as its parameter, at the cron's times. The harness's server runs no background
+    services, so the scheduler service's loop is run once here, on the server's database."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.server.services.scheduler import schedule_deployments
+
+    make_pool("cron-pool")
+    recipe = write_recipe(tmp_path / "r.yaml", "http://127.0.0.1:9/v1", tmp_path / "out", tmp_path / "p.jsonl")
+    result = runner.invoke(app, ["deploy", str(tmp_path / "r.yaml"), "--pool", "cron-pool", "--cron", "*/5 * * * *",
+                                 "--name", "every-five-minutes"])
+    assert result.exit_code == 0, result.output
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("dualdistill/every-five-minutes")
+        only_this = DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+        assert client.read_flow_runs(deployment_filter=only_this) == []
+        asyncio.run(schedule_deployments())
+        runs = client.read_flow_runs(deployment_filter=only_this)
+    assert len(runs) >= 3, "the scheduler created too few runs"
+    assert all(run.state.name == "Scheduled" and run.parameters == {"recipe": recipe} for run in runs)
+    starts = sorted(run.expected_start_time for run in runs)
+    assert all(start.minute % 5 == 0 and start.second == 0 for start in starts)
