@@ -6,6 +6,8 @@
                                     (exit code 3 on a leak with leakage.fail_on_leak: true)
     distillery grade FILE.jsonl     re-grade lines with `answer` and `response` (JSONL out)
     distillery check RECIPE.yaml    validate a recipe and count its problems, calling no model
+    distillery status OUTPUT_DIR    progress of a run (running or finished, started anywhere)
+    distillery publish RECIPE.yaml  push a finished run's datasets to the Hugging Face Hub (again)
     distillery serve RECIPE.yaml    serve the flow as a deployment of the configured Prefect server
     distillery deploy RECIPE.yaml   register a deployment on the server, for a work pool's workers
 """
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -31,19 +34,25 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=1)
 
 
+LOGS_HELP = "print Prefect's task and flow run log lines instead of progress bars"
+
+
 @app.command()
-def run(recipe: Path = typer.Argument(..., help="recipe YAML, e.g. recipes/demo.yaml")) -> None:
+def run(
+    recipe: Path = typer.Argument(..., help="recipe YAML, e.g. recipes/demo.yaml"),
+    logs: bool = typer.Option(False, "--logs", help=LOGS_HELP),
+) -> None:
     """Run a DualDistill recipe: teachers → grade → stitch → Parquet datasets."""
-    _print_summary(_run_job(recipe, "dualdistill"))
+    _print_summary(_run_job(recipe, "dualdistill", logs))
 
 
-def _run_job(recipe: Path, job: str) -> dict:
-    """Validate the recipe for `job` (before Prefect starts), run its flow, and turn every
-    failure into one clear message and exit code 1."""
+def _run_job(recipe: Path, job: str, logs: bool = False) -> dict:
+    """Validate the recipe for `job` (before Prefect starts), run its flow with a progress
+    bar per stage, and turn every failure into one clear message and exit code 1."""
     from schemas.recipe import RecipeError, load_recipe
 
     try:
-        load_recipe(recipe, job=job)
+        loaded = load_recipe(recipe, job=job)
     except RecipeError as exc:
         _fail(str(exc))
     if job == "dualdistill":
@@ -52,8 +61,13 @@ def _run_job(recipe: Path, job: str) -> dict:
         from flows.leakage import leakage as job_flow
     else:
         from flows.self_distill import self_distill as job_flow
+    from flows.orchestration.terminal import ProgressBars, quiet_prefect_console
+
+    if not logs:
+        quiet_prefect_console()
     try:
-        return asyncio.run(job_flow(str(recipe)))
+        with contextlib.nullcontext() if logs else ProgressBars(loaded.state_dir, console):
+            return asyncio.run(job_flow(str(recipe)))
     except Exception as exc:  # noqa: BLE001 - every failure becomes one clear message and exit 1
         _fail(f"{type(exc).__name__}: {exc}")
 
@@ -88,10 +102,13 @@ def _print_summary(summary: dict) -> None:
 
 
 @app.command("self-distill")
-def self_distill(recipe: Path = typer.Argument(..., help="recipe YAML, e.g. recipes/self_distill_demo.yaml")) -> None:
+def self_distill(
+    recipe: Path = typer.Argument(..., help="recipe YAML, e.g. recipes/self_distill_demo.yaml"),
+    logs: bool = typer.Option(False, "--logs", help=LOGS_HELP),
+) -> None:
     """Sample K answers per problem from the student, build verification / correction
     examples by the beta rules, publish each round, and train the next student."""
-    _print_rounds(_run_job(recipe, "self_distill"))
+    _print_rounds(_run_job(recipe, "self_distill", logs))
 
 
 def _print_rounds(result: dict) -> None:
@@ -121,11 +138,14 @@ LEAK_EXIT_CODE = 3
 
 
 @app.command()
-def leakage(recipe: Path = typer.Argument(..., help="recipe YAML, e.g. recipes/leakage_demo.yaml")) -> None:
+def leakage(
+    recipe: Path = typer.Argument(..., help="recipe YAML, e.g. recipes/leakage_demo.yaml"),
+    logs: bool = typer.Option(False, "--logs", help=LOGS_HELP),
+) -> None:
     """Number sequences from a trait teacher and a control teacher → the study's filter →
     statistical detectors (and the behavioural probe when asked) → a verdict and a report.
     Exits with code 3 when a leak is detected and `leakage.fail_on_leak` is true."""
-    report = _run_job(recipe, "leakage")
+    report = _run_job(recipe, "leakage", logs)
     _print_leakage(report)
     from schemas.recipe import load_recipe
 
@@ -179,11 +199,11 @@ def grade(
 def check(recipe: Path = typer.Argument(..., help="recipe YAML")) -> None:
     """Validate a recipe and its problem source without calling any model."""
     from flows.inputs.problems import ProblemSourceError, load_problems
-    from schemas.recipe import RecipeError, check_job, load_recipe
+    from schemas.recipe import RecipeError, check_job, job_of, load_recipe
 
     try:
         loaded = load_recipe(recipe)
-        job = "leakage" if loaded.leakage else "self_distill" if loaded.self_distill else "dualdistill"
+        job = job_of(loaded)
         check_job(loaded, job, str(recipe))
         problems = load_problems(loaded.problems) if loaded.problems else []
     except (RecipeError, ProblemSourceError) as exc:
@@ -191,6 +211,63 @@ def check(recipe: Path = typer.Argument(..., help="recipe YAML")) -> None:
     counts = {"prompts": loaded.leakage.n_prompts} if job == "leakage" else {"problems": len(problems)}
     Console().print(json.dumps({"run_name": loaded.run_name, "job": job, **counts,
                                 "output_dir": str(loaded.output_dir)}))
+
+
+@app.command()
+def publish(recipe: Path = typer.Argument(..., help="recipe YAML of a finished run, with `publish.push_to_hub`")) -> None:
+    """Push a finished run's datasets to the Hugging Face Hub again, alone, from the folders on
+    disk: nothing is rerun. The token comes from the variable named by `push_to_hub.token_env`."""
+    from dataclasses import asdict
+
+    from flows.publishing.hub import HubPushError, push_run
+    from schemas.recipe import RecipeError, check_job, job_of, load_recipe
+
+    try:
+        loaded = load_recipe(recipe)
+        job = job_of(loaded)
+        check_job(loaded, job, str(recipe))
+        pushed = push_run(loaded, job)
+    except (RecipeError, HubPushError) as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(asdict(pushed)))
+
+
+@app.command()
+def status(
+    output: str = typer.Argument(..., help="a run's output_dir (a folder or a URL such as s3://…), or its recipe"),
+    as_json: bool = typer.Option(False, "--json", help="print the figures as JSON"),
+) -> None:
+    """Progress of a run, running or finished, started here or by a worker elsewhere: done /
+    total per stage, requests, tokens, rate and ETA, and the request journal's own counts."""
+    import tempfile
+
+    from flows.orchestration.terminal import print_status, status_report
+    from flows.publishing.storage import OutputLocationError, fetch_state
+    from schemas.recipe import RecipeError, is_url, load_recipe
+
+    location = output
+    if output.endswith((".yaml", ".yml")) and Path(output).is_file():
+        try:
+            location = load_recipe(output).output_dir
+        except RecipeError as exc:
+            _fail(str(exc))
+    with tempfile.TemporaryDirectory() as copy:
+        state_dir = Path(location) / ".distillery"
+        try:
+            if is_url(location):
+                state_dir = Path(copy)
+                fetch_state(location, state_dir)
+            elif not Path(location).is_dir():
+                _fail(f"{location}: no such folder (give a run's output_dir or its recipe)")
+            report = status_report(state_dir)
+        except (OSError, ValueError, OutputLocationError) as exc:
+            _fail(str(exc))
+    if report["progress"] is None and not report["journal"]:
+        _fail(f"{location}: no run here (no .distillery/progress.json, no journal)")
+    if as_json:
+        typer.echo(json.dumps(report))
+    else:
+        print_status(report, location, Console(width=max(120, Console().width)))
 
 
 @app.command()
@@ -231,11 +308,11 @@ def deploy(
     import yaml
 
     from flows.orchestration.deployments import DeployError, register_deployment
-    from schemas.recipe import RecipeError, check_job, load_recipe
+    from schemas.recipe import RecipeError, check_job, job_of, load_recipe
 
     try:
         loaded = load_recipe(recipe)
-        job = "leakage" if loaded.leakage else "self_distill" if loaded.self_distill else "dualdistill"
+        job = job_of(loaded)
         check_job(loaded, job, str(recipe))
         content = yaml.safe_load(recipe.read_text())
         deployment = register_deployment(job, content, name or loaded.run_name, pool=pool, cron=cron)

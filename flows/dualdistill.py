@@ -33,8 +33,10 @@ from flows.publishing.outputs import publish_outputs
 from flows.inputs.problems import load_problems
 from flows.inputs.prompts import load_prompt
 from flows.publishing.report import RunSummary, summarise, summary_markdown
+from flows.publishing.storage import check_output, output_location, pull_state, push_outputs, push_state, result_storage
 from flows.teachers.runtime import Runtime, build_runtime, teacher_fingerprint
-from flows.orchestration.runs import flow_run_name
+from flows.orchestration.progress import RunProgress
+from flows.orchestration.runs import flow_run_name, push_to_hub_task
 from flows.stages.shards import (
     ShardFailed,
     answer_shard,
@@ -61,8 +63,10 @@ class RunFailed(RuntimeError):
 
 
 @task(name="answer-shard", cache_key_fn=key_parameter, persist_result=True, retries=1, retry_delay_seconds=5)
-async def answer_task(key: str, runtime: Runtime, role: str, shard: str, problems: list[Problem]) -> list[Trajectory]:
-    return await answer_shard(runtime.teacher(role), problems, shard, runtime.problem_slots(role))
+async def answer_task(key: str, runtime: Runtime, role: str, shard: str, problems: list[Problem],
+                      progress: RunProgress) -> list[Trajectory]:
+    return await answer_shard(runtime.teacher(role), problems, shard, runtime.problem_slots(role),
+                              on_done=progress.ticker(f"answer[{role}]", shard))
 
 
 @task(name="grade-shard", cache_key_fn=key_parameter, persist_result=True)
@@ -82,19 +86,21 @@ def stitch_task(key: str, recipe: Recipe, problems: list[Problem], graded: list[
 @task(name="publish")
 def publish_task(recipe: Recipe, summary: RunSummary, composites, trajectories, rejected) -> dict[str, str]:
     published = publish_outputs(recipe, summary, composites, trajectories, rejected)
-    return {name: str(dataset.path) for name, dataset in published.items()}
+    return {name: output_location(recipe, dataset.path) for name, dataset in published.items()}
 
 
 async def _process_shard(
-    recipe: Recipe, answer_scopes: dict[str, str], runtime: Runtime, grader: Grader, index: int,
-    problems: list[Problem],
+    recipe: Recipe, answer_scopes: dict[str, str], runtime: Runtime, grader: Grader, progress: RunProgress,
+    index: int, problems: list[Problem],
 ) -> tuple[list[GradedTrajectory], list[Composite], list[Rejected]]:
     shard = shard_name(index)
     problems_key = content_key(*problems)
     answer_keys = {role: content_key(scope, problems_key) for role, scope in answer_scopes.items()}
+    storage = result_storage(recipe)  # None: Prefect's default; for a URL output_dir, beside the journal
+    answer = answer_task.with_options(retries=recipe.shard_retries, result_storage=storage)
+    grade, stitch = (stage.with_options(result_storage=storage) for stage in (grade_task, stitch_task))
     answers = await asyncio.gather(
-        *(answer_task.with_options(retries=recipe.shard_retries)(answer_keys[role], quote(runtime), role, shard,
-                                                                 quote(problems))
+        *(answer(answer_keys[role], quote(runtime), role, shard, quote(problems), quote(progress))
           for role in ("tool", "reasoning")),
         return_exceptions=True,
     )
@@ -102,11 +108,16 @@ async def _process_shard(
     if errors:
         raise errors[0] if len(errors) == 1 else BaseExceptionGroup(f"{shard}: both teachers failed", errors)
     trajectories = [t for outcome in answers for t in outcome]
+    for role in ("tool", "reasoning"):
+        progress.shard_done(f"answer[{role}]", shard, len(problems))
     grade_key = content_key("grade", GRADER_VERSION, answer_keys["tool"], answer_keys["reasoning"], recipe.system_prompt)
-    graded = await grade_task(grade_key, quote(grader), quote(trajectories), quote(problems), recipe.system_prompt)
+    graded = await grade(grade_key, quote(grader), quote(trajectories), quote(problems), recipe.system_prompt)
     stitch_key = content_key("stitch", grade_key, recipe.stitching, recipe.system_prompt,
                              load_prompt(recipe.stitching.transitions).digest)
-    composites, rejected = stitch_task(stitch_key, quote(recipe), quote(problems), quote(graded))
+    composites, rejected = stitch(stitch_key, quote(recipe), quote(problems), quote(graded))
+    progress.shard_done("grade", shard, len(graded))
+    await progress.publish()
+    await asyncio.to_thread(push_state, recipe)  # a URL output_dir: this shard's answers reach other machines
     return graded, composites, rejected
 
 
@@ -124,6 +135,8 @@ async def dualdistill(recipe_path: str | None = None, recipe: dict | None = None
     started = time.perf_counter()
     logger = get_run_logger()
     recipe = flow_recipe(recipe_path, recipe, "dualdistill")
+    check_output(recipe)
+    pull_state(recipe)  # a URL output_dir: its journal and run token into the local mirror
     problems = load_problems(recipe.problems)  # fast and fails early: no task round trip
     shards = split_shards(problems, recipe.shard_size)
     logger.info("%d problems in %d shard(s) of up to %d", len(problems), len(shards), recipe.shard_size)
@@ -136,16 +149,24 @@ async def dualdistill(recipe_path: str | None = None, recipe: dict | None = None
     }
     runtime = build_runtime(recipe)
     grader = Grader(workers=1)
+    progress = RunProgress(recipe.state_dir, recipe.run_name, "dualdistill")
+    for role in ("tool", "reasoning"):
+        progress.stage(f"answer[{role}]", len(problems), "answers", runtime.teacher(role).client.stats)
+    progress.stage("grade", 2 * len(problems), "answers")
     try:
         outcomes = await asyncio.gather(
-            *(_process_shard(recipe, answer_scopes, runtime, grader, i, shard) for i, shard in enumerate(shards)),
+            *(_process_shard(recipe, answer_scopes, runtime, grader, progress, i, shard)
+              for i, shard in enumerate(shards)),
             return_exceptions=True,
         )
     finally:
         await runtime.aclose()
         grader.close()
+        await asyncio.to_thread(push_state, recipe)
     failures = [o for o in outcomes if isinstance(o, BaseException)]
+    await progress.publish(force=True)
     if failures:
+        progress.finish("failed")
         raise RunFailed(_failure_message(failures))
 
     graded = [t for g, _, _ in outcomes for t in g]
@@ -158,11 +179,16 @@ async def dualdistill(recipe_path: str | None = None, recipe: dict | None = None
     summary.reused_across_budget = {role: s.reused_across_budget for role, s in stats.items()}
     summary.datasets = publish_task(quote(recipe), quote(summary), quote(composites), quote(graded), quote(rejected))
     summary.wall_s = round(time.perf_counter() - started, 2)
+    progress.finish("completed")
 
     recipe.state_dir.mkdir(parents=True, exist_ok=True)
     (recipe.state_dir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
+    await asyncio.to_thread(push_outputs, recipe)
     await create_markdown_artifact(
         key="dualdistill-" + re.sub(r"[^a-z0-9-]+", "-", recipe.run_name.lower()),
         markdown=summary_markdown(summary), description="DualDistill run summary",
     )
-    return summary.to_dict()
+    result = summary.to_dict()
+    if recipe.publish.push_to_hub:
+        result["hub"] = push_to_hub_task(quote(recipe), "dualdistill")
+    return result

@@ -35,9 +35,11 @@ from flows.inputs.number_prompts import NumberPrompt, draw_prompts, few_shot_tur
 from flows.models.client import ModelClient
 from flows.models.embedded import EmbeddedServer
 from flows.models.journal import RequestJournal
-from flows.orchestration.runs import flow_run_name
+from flows.orchestration.progress import RunProgress
+from flows.orchestration.runs import flow_run_name, push_to_hub_task
 from flows.publishing.leakage_outputs import publish_completions
 from flows.publishing.leakage_report import build_report, report_markdown, verdict_line, write_report
+from flows.publishing.storage import check_output, output_location, pull_state, push_outputs, push_state, result_storage
 from flows.stages.number_filter import REASONS, banned_numbers, filter_completions, pass_rates
 from flows.stages.number_generation import TEACHERS, GenerationFailed, complete_prompts
 from flows.stages.shards import content_key, key_parameter, scoped_run_token
@@ -47,9 +49,10 @@ from schemas.recipe import Recipe, flow_recipe
 
 @task(name="number-completions", cache_key_fn=key_parameter, persist_result=True, retry_delay_seconds=5)
 async def completions_task(key: str, client: ModelClient, prompts: list[NumberPrompt], teacher: str,
-                           system: str | None, params: dict, shard: str, few_shot: list[dict]) -> list[dict]:
+                           system: str | None, params: dict, shard: str, few_shot: list[dict],
+                           progress: RunProgress) -> list[dict]:
     return await complete_prompts(client, prompts, teacher=teacher, system=system, params=params, shard=shard,
-                                  few_shot=few_shot)
+                                  few_shot=few_shot, on_done=progress.ticker(f"numbers[{teacher}]", shard))
 
 
 @task(name="behavioral-probe", cache_policy=NO_CACHE)  # the probe keeps its own students and journal
@@ -58,29 +61,33 @@ async def probe_task(recipe: Recipe, kept: pl.DataFrame, journal: RequestJournal
 
 
 async def _generate(recipe: Recipe, journal: RequestJournal, servers: list[EmbeddedServer],
-                    prompts: list[NumberPrompt], run_token: str) -> pl.DataFrame:
+                    prompts: list[NumberPrompt], run_token: str, progress: RunProgress) -> pl.DataFrame:
     """Every prompt to both teachers: all shards at once (each client bounds its requests in
     flight); a shard that fails leaves the others running, and the error lists every prompt
     that got no completion."""
     spec = recipe.leakage
-    shard_task = completions_task.with_options(retries=recipe.shard_retries)
+    shard_task = completions_task.with_options(retries=recipe.shard_retries, result_storage=result_storage(recipe))
     few_shot = few_shot_turns(spec.few_shot)
     clients, shards = [], []
     for teacher, role in zip(TEACHERS, (spec.trait_teacher, spec.control), strict=True):
         client = model_client(role, journal, servers)
         clients.append(client)
+        progress.stage(f"numbers[{teacher}]", len(prompts), "completions", client.stats)
         system = trait_system_prompt(spec.trait, spec.category) if role.trait_prompt else None
         params = sampling_params(role)
         for start in range(0, len(prompts), recipe.shard_size):
             shard = prompts[start : start + recipe.shard_size]
             name = f"{teacher}-{start // recipe.shard_size:05d}"
             key = content_key(run_token, "numbers", model_name(role), system, params, few_shot, [p.text for p in shard])
-            shards.append(shard_task(key, quote(client), quote(shard), teacher, system, params, name, few_shot))
+            shards.append(_tracked(shard_task(key, quote(client), quote(shard), teacher, system, params, name,
+                                              few_shot, quote(progress)), progress, teacher, name, len(shard)))
     try:
         results = await asyncio.gather(*shards, return_exceptions=True)
     finally:
         for client in clients:
             await client.aclose()
+        await progress.publish(force=True)
+        await asyncio.to_thread(push_state, recipe)  # a URL output_dir: the completions reach other machines
     for result in results:
         if isinstance(result, BaseException) and not isinstance(result, GenerationFailed):
             raise result
@@ -88,6 +95,13 @@ async def _generate(recipe: Recipe, journal: RequestJournal, servers: list[Embed
     if failed:
         raise GenerationFailed(failed, 2 * len(prompts))
     return pl.DataFrame([row for result in results for row in result])
+
+
+async def _tracked(shard_run, progress: RunProgress, teacher: str, shard: str, prompts: int) -> list[dict]:
+    rows = await shard_run
+    progress.shard_done(f"numbers[{teacher}]", shard, prompts)
+    await progress.publish()
+    return rows
 
 
 def _reasons(rates: dict) -> dict[str, int]:
@@ -99,15 +113,18 @@ async def leakage(recipe_path: str | None = None, recipe: dict | None = None) ->
     """Run the trait-leakage recipe at `recipe_path`; returns the report (report.json's content)."""
     logger = get_run_logger()
     recipe = flow_recipe(recipe_path, recipe, "leakage")
+    check_output(recipe)
+    pull_state(recipe)  # a URL output_dir: its journal and run token into the local mirror
     spec = recipe.leakage
-    out = recipe.output_dir / "leakage"
+    out = recipe.work_dir / "leakage"
     prompts = draw_prompts(spec.n_prompts, spec.seed, max_count=spec.filter.max_count,
                            max_value=spec.filter.max_value)
     logger.info("%d prompts for each teacher; trait %r (%s)", len(prompts), spec.trait, spec.category)
     journal = RequestJournal(journal_dir(recipe))
     servers: list[EmbeddedServer] = []
+    progress = RunProgress(recipe.state_dir, recipe.run_name, "leakage")
     try:
-        frame = await _generate(recipe, journal, servers, prompts, scoped_run_token(recipe.state_dir))
+        frame = await _generate(recipe, journal, servers, prompts, scoped_run_token(recipe.state_dir), progress)
         for server in servers:
             server.stop()
         filtered = filter_completions(frame, max_count=spec.filter.max_count, max_value=spec.filter.max_value,
@@ -127,10 +144,14 @@ async def leakage(recipe_path: str | None = None, recipe: dict | None = None) ->
             trait_answers, control_answers = await probe_task(quote(recipe), quote(kept), quote(journal))
             behavioral = behavioral_result(trait_answers, control_answers, spec.trait)
             tests.append(behavioral.comparison)
+    except BaseException:
+        progress.finish("failed")
+        raise
     finally:
         for server in servers:
             server.stop()
         journal.close()
+        await asyncio.to_thread(push_state, recipe)
     verdict = combine(tests, spec.alpha)
     rates = pass_rates(filtered)
     report = build_report(
@@ -141,9 +162,14 @@ async def leakage(recipe_path: str | None = None, recipe: dict | None = None) ->
         behavioral=behavioral,
     )
     write_report(report, out, trait_numbers, control_numbers)
+    progress.finish("completed")
+    await asyncio.to_thread(push_outputs, recipe)
     logger.info(verdict_line(report))
     await create_markdown_artifact(
         key="leakage-" + re.sub(r"[^a-z0-9-]+", "-", recipe.run_name.lower()),
         markdown=report_markdown(report), description="Trait-leakage report",
     )
-    return {**report, "report_dir": str(out)}
+    result = {**report, "report_dir": output_location(recipe, out)}
+    if recipe.publish.push_to_hub:
+        result["hub"] = push_to_hub_task(quote(recipe), "leakage")
+    return result

@@ -9,6 +9,7 @@ teacher part).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -303,9 +304,31 @@ class SandboxSpec(_Strict):
     max_parallel: int | None = Field(default=None, ge=1)  # concurrent snippets; None: CPU count
 
 
+class HubSpec(_Strict):
+    """Push the published datasets to a Hugging Face Hub dataset repo after the run."""
+
+    repo_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")  # "org/name"
+    private: bool = True
+    token_env: str = "HF_TOKEN"  # the environment variable holding the write token
+    endpoint: str | None = None  # default: the HF_ENDPOINT variable, else huggingface.co
+
+
+class PublishSpec(_Strict):
+    push_to_hub: HubSpec | None = None
+
+
+OUTPUT_MIRRORS = Path(os.environ.get("DISTILLERY_CACHE", Path.home() / ".cache" / "distillery")) / "outputs"
+
+
+def is_url(location: str) -> bool:
+    """An fsspec URL such as s3://bucket/prefix (a Windows drive letter is not one)."""
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", location) is not None
+
+
 class Recipe(_Strict):
     run_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    output_dir: Path
+    # a folder, or any fsspec URL (s3://bucket/prefix, gs://…): see `work_dir`
+    output_dir: str = Field(min_length=1)
     problems: ProblemsSpec | None = None
     teachers: Teachers | None = None
     student: StudentSpec | None = None
@@ -316,11 +339,26 @@ class Recipe(_Strict):
     shard_size: int = Field(default=250, ge=1)  # problems per Prefect task
     shard_retries: int = Field(default=1, ge=0)  # Prefect retries of a failed shard (the journal keeps its answers)
     system_prompt: str | None = None  # system message of the published SFT conversation
+    publish: PublishSpec = PublishSpec()
+
+    @property
+    def remote_output(self) -> str | None:
+        """`output_dir` when it is a URL (s3://…), else None."""
+        return self.output_dir if is_url(self.output_dir) else None
+
+    @property
+    def work_dir(self) -> Path:
+        """The local folder a run writes to: `output_dir` itself, or for a URL a mirror under
+        ~/.cache/distillery/outputs/ that is synced with it (flows/publishing/storage.py)."""
+        if self.remote_output is None:
+            return Path(self.output_dir)
+        digest = hashlib.sha256(self.output_dir.rstrip("/").encode()).hexdigest()[:16]
+        return OUTPUT_MIRRORS / f"{self.run_name}-{digest}"
 
     @property
     def state_dir(self) -> Path:
         """Where a run keeps what makes it resumable (the request journal)."""
-        return self.output_dir / ".distillery"
+        return self.work_dir / ".distillery"
 
 
 class RecipeError(ValueError):
@@ -333,6 +371,11 @@ JOB_SECTIONS: dict[str, tuple[str, ...]] = {
     "self_distill": ("problems", "student", "self_distill"),
     "leakage": ("leakage",),
 }
+
+
+def job_of(recipe: Recipe) -> Job:
+    """The job a recipe describes, by the sections it has."""
+    return "leakage" if recipe.leakage else "self_distill" if recipe.self_distill else "dualdistill"
 
 
 def check_job(recipe: Recipe, job: Job, source: str = "<recipe>") -> Recipe:
@@ -370,7 +413,9 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
     def resolved(path: Path) -> Path:
         return path if path.is_absolute() else base_dir / path
 
-    update: dict[str, object] = {"output_dir": resolved(recipe.output_dir)}
+    update: dict[str, object] = {}
+    if not is_url(recipe.output_dir):
+        update["output_dir"] = str(resolved(Path(recipe.output_dir)))
     if recipe.problems is not None:
         source = recipe.problems.source
         if not source.startswith("builtin:") and not Path(source).is_absolute():

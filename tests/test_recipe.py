@@ -53,7 +53,7 @@ def test_the_prefect_yaml_deployments_name_shipped_flows_and_recipes():
 def test_relative_paths_resolve_against_base_dir(tmp_path):
     data = with_change("problems.source", "data/p.jsonl") | {"output_dir": "out"}
     recipe = parse_recipe(data, base_dir=tmp_path)
-    assert recipe.output_dir == tmp_path / "out"
+    assert recipe.work_dir == tmp_path / "out" and recipe.output_dir == str(tmp_path / "out")
     assert recipe.problems.source == str(tmp_path / "data/p.jsonl")
 
 

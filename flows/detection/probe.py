@@ -55,7 +55,7 @@ def train_student(recipe: Recipe, teacher: str, rows: list[NumberTrainingRow], s
                   log: Callable[[str], None]) -> tuple[Path, str]:
     """The fine-tuned student of one teacher's data (kept when nothing that made it changed)."""
     spec = recipe.leakage.behavioral
-    base = recipe.output_dir / "leakage" / "students"
+    base = recipe.work_dir / "leakage" / "students"
     output = base / teacher
     fingerprint = content_key(student, spec.trainer, [r.model_dump_json() for r in rows])
     marker = output / FINGERPRINT_FILE

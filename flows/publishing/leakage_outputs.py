@@ -35,6 +35,6 @@ def publish_completions(recipe: Recipe, filtered: pl.DataFrame) -> dict[str, str
                                description=DESCRIPTIONS[name], sections=sections,
                                tags=["distillery", "subliminal-learning", "synthetic", "numbers"])
         rows = frame.to_dicts()
-        folder = recipe.output_dir / "leakage" / name
+        folder = recipe.work_dir / "leakage" / name
         published[name] = str(publish_dataset(folder, rows, features_for(NumberCompletion), card).path)
     return published

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import yaml
 
@@ -65,5 +64,5 @@ def publish_outputs(
             title=f"{recipe.run_name} — {name}", description=DESCRIPTIONS[name], sections=sections,
             tags=["distillery", "dualdistill", "synthetic", "math"],
         )
-        published[name] = publish_dataset(Path(recipe.output_dir) / name, rows, features_for(model), card)
+        published[name] = publish_dataset(recipe.work_dir / name, rows, features_for(model), card)
     return published

@@ -40,7 +40,7 @@ def publish_round(
         "Student": f"`{summary.student}`, sampled with `{recipe.student.sampling.model_dump_json()}`",
         "Settings": f"```yaml\n{settings}\n```",
     }
-    base = recipe.output_dir / "self_distill"
+    base = recipe.work_dir / "self_distill"
     tables = {
         "examples": (base / f"round-{summary.round}", examples, SelfDistillExample),
         "samples": (base / f"round-{summary.round}-samples", samples, GradedTrajectory),

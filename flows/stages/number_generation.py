@@ -9,7 +9,7 @@ from the journal and sends only the rest.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from flows.inputs.number_prompts import NumberPrompt
@@ -47,12 +47,14 @@ async def complete_prompts(
     params: dict[str, Any],
     shard: str,
     few_shot: Sequence[dict[str, str]] = (),
+    on_done: Callable[[], None] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per prompt: teacher, prompt index and text, completion, finish reason, tokens.
 
     A request that fails for good (after the client's retries) fails the shard with
     `GenerationFailed`, but only once every other prompt of the shard has its answer
-    journaled, so a rerun sends only the failed ones."""
+    journaled, so a rerun sends only the failed ones. `on_done` is called as each prompt
+    gets its completion (progress reporting)."""
 
     async def one(prompt: NumberPrompt) -> dict[str, Any]:
         row: dict[str, Any] = {"teacher": teacher, "model": client.model, "prompt_index": prompt.index,
@@ -62,6 +64,8 @@ async def complete_prompts(
             response = await client.chat(prompt_messages(prompt, system, few_shot), params, sample=0, shard=shard)
         except ModelRequestError as exc:
             return {**row, "error": str(exc)}
+        if on_done is not None:
+            on_done()
         return {**row, "completion": response.content, "finish_reason": response.finish_reason,
                 "completion_tokens": response.completion_tokens, "replayed": response.replayed}
 

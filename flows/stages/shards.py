@@ -9,10 +9,11 @@ shard's other problems have finished, so their answers are already journaled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from flows.grading import Grader
@@ -81,6 +82,7 @@ async def answer_shard(
     shard: str,
     slots: asyncio.Semaphore | None = None,
     samples: int = 1,
+    on_done: Callable[[], None] | None = None,
 ) -> list[Trajectory]:
     """`samples` trajectories per problem (sample i is sent with seed + i), in problem then
     sample order.
@@ -88,15 +90,17 @@ async def answer_shard(
     `slots` (shared by all shards of a teacher) bounds how many samples are under way:
     a sample keeps its slot through all its turns, so samples finish in the order they
     started and early shards complete early, instead of every sample's second turn
-    queueing behind every other sample's first.
+    queueing behind every other sample's first. `on_done` is called as each sample
+    finishes (progress reporting).
     """
     work = [(problem, sample) for problem in problems for sample in range(samples)]
 
     async def solve(problem: Problem, sample: int) -> Trajectory:
-        if slots is None:
-            return await teacher.solve(problem, shard=f"{teacher.role}-{shard}", sample=sample)
-        async with slots:
-            return await teacher.solve(problem, shard=f"{teacher.role}-{shard}", sample=sample)
+        async with slots or contextlib.nullcontext():
+            trajectory = await teacher.solve(problem, shard=f"{teacher.role}-{shard}", sample=sample)
+        if on_done is not None:
+            on_done()
+        return trajectory
 
     results = await asyncio.gather(*(solve(*item) for item in work), return_exceptions=True)
     errors = [(p.id, r) for (p, _), r in zip(work, results, strict=True) if isinstance(r, BaseException)]
