@@ -81,7 +81,7 @@ def pull_state(recipe: Recipe) -> None:
     for remote, info in fs.find(remote_state, detail=True).items():
         relative = remote[len(remote_state) + 1 :]
         local = recipe.state_dir / relative
-        if relative.split("/")[0] == RESULTS:
+        if relative.split("/")[0] in (RESULTS, "journal.index"):
             continue
         if local.suffix == ".jsonl" and local.exists() and local.stat().st_size == info["size"]:
             continue
@@ -200,7 +200,11 @@ def _filesystem(url: str) -> tuple[AbstractFileSystem, str]:
 
 
 def _files(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
+    """Files to sync, without the journal's index (`journal.index/`: a local cache, rebuilt
+    from the JSONL files wherever they are read)."""
+    if not folder.exists():
+        return []
+    return [p for p in folder.rglob("*") if p.is_file() and not any(part.endswith(".index") for part in p.parts)]
 
 
 def _stamp(path: Path) -> tuple[int, int]:
