@@ -1,11 +1,13 @@
 """The `distillery` command.
 
     distillery run RECIPE.yaml      run the DualDistill flow; rerun the same recipe to resume
+                                    (exit code 4 when a `budget:` cap stopped it: raise the cap, rerun)
     distillery self-distill RECIPE  run self-distillation rounds on the student's own samples
     distillery leakage RECIPE.yaml  check whether a teacher's trait leaks into number sequences
                                     (exit code 3 on a leak with leakage.fail_on_leak: true)
     distillery grade FILE.jsonl     re-grade lines with `answer` and `response` (JSONL out)
     distillery check RECIPE.yaml    validate a recipe and count its problems, calling no model
+    distillery plan RECIPE.yaml     requests, tokens, time and cost per role before a run (a pilot if asked)
     distillery status OUTPUT_DIR    progress of a run (running or finished, started anywhere)
     distillery publish RECIPE.yaml  push a finished run's datasets to the Hugging Face Hub (again)
     distillery serve RECIPE.yaml    serve the flow as a deployment of the configured Prefect server
@@ -34,6 +36,7 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=1)
 
 
+BUDGET_EXIT_CODE = 4  # a `budget:` cap stopped the run; everything answered is journaled
 LOGS_HELP = "print Prefect's task and flow run log lines instead of progress bars"
 
 
@@ -62,12 +65,23 @@ def _run_job(recipe: Path, job: str, logs: bool = False) -> dict:
     else:
         from flows.self_distill import self_distill as job_flow
     from flows.orchestration.terminal import ProgressBars, quiet_prefect_console
+    from prefect.settings import PREFECT_API_URL
 
     if not logs:
         quiet_prefect_console()
+    if not PREFECT_API_URL.value():
+        console.print("no Prefect server configured (PREFECT_API_URL): starting a temporary one for this run, "
+                      "which costs several seconds before the first request; `prefect server start` and "
+                      "`export PREFECT_API_URL=http://127.0.0.1:4200/api` skip that and keep the runs in its UI",
+                      highlight=False, soft_wrap=True)
+    from flows.models.budget import BudgetReached
+
     try:
         with contextlib.nullcontext() if logs else ProgressBars(loaded.state_dir, console):
             return asyncio.run(job_flow(str(recipe)))
+    except BudgetReached as exc:
+        console.print(f"[bold yellow]stopped:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=BUDGET_EXIT_CODE) from None
     except Exception as exc:  # noqa: BLE001 - every failure becomes one clear message and exit 1
         _fail(f"{type(exc).__name__}: {exc}")
 
@@ -211,6 +225,50 @@ def check(recipe: Path = typer.Argument(..., help="recipe YAML")) -> None:
     counts = {"prompts": loaded.leakage.n_prompts} if job == "leakage" else {"problems": len(problems)}
     Console().print(json.dumps({"run_name": loaded.run_name, "job": job, **counts,
                                 "output_dir": str(loaded.output_dir)}))
+
+
+@app.command()
+def plan(
+    recipe: Path = typer.Argument(..., help="recipe YAML"),
+    as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
+) -> None:
+    """What the recipe will ask of each role — answers, requests, prompt and completion tokens
+    — how long that takes and what it costs (online and batch prices), before running it.
+    Calls no model unless the recipe asks for a pilot (`plan: {pilot: N}`), whose answers the
+    run then reuses from the journal."""
+    from flows.inputs.problems import ProblemSourceError
+    from flows.models.client import ModelRequestError
+    from flows.orchestration.plan import format_seconds, make_plan, rounded
+    from schemas.recipe import RecipeError, check_job, job_of, load_recipe
+
+    try:
+        loaded = load_recipe(recipe)
+        job = job_of(loaded)
+        check_job(loaded, job, str(recipe))
+        made = make_plan(loaded, job)
+    except (RecipeError, ProblemSourceError, ModelRequestError) as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(made.to_dict()))
+        return
+    out = Console(width=max(140, Console().width))
+    pilot = f"pilot of {made.pilot}" if made.pilot else "no pilot: bounds from the recipe"
+    out.print(f"\n[bold]plan {made.run_name}[/] ({made.job}): {made.units:,} "
+              f"{'prompts' if made.job == 'leakage' else 'problems'}; {pilot}")
+    table = Table("role", "model", "answers", "requests", "prompt tokens", "completion tokens", "time",
+                  "cost online", "cost batch")
+    money = (lambda v: "—" if v is None else f"{v:,.2f}")
+    for r in made.roles:
+        table.add_row(r.role + (" (batch)" if r.mode == "batch" else ""), r.model, f"{r.answers:,}",
+                      rounded(r.requests), rounded(r.prompt_tokens), rounded(r.completion_tokens),
+                      format_seconds(r.seconds), money(r.cost_online), money(r.cost_batch))
+    out.print(table)
+    for r in made.roles:
+        out.print(escape(f"{r.role}: {r.basis}" + (f"; time from {r.time_basis}" if r.time_basis else "")))
+    out.print(f"wall time: {format_seconds(made.wall_s)}"
+              + (f"; budget caps: {made.budget}" if made.budget else ""))
+    for note in made.notes:
+        out.print(f"note: {note}")
 
 
 @app.command()

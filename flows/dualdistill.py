@@ -166,7 +166,10 @@ async def dualdistill(recipe_path: str | None = None, recipe: dict | None = None
     failures = [o for o in outcomes if isinstance(o, BaseException)]
     await progress.publish(force=True)
     if failures:
-        progress.finish("failed")
+        stopped = runtime.budget is not None and runtime.budget.stopped
+        progress.finish("stopped by its budget" if stopped else "failed")
+        if stopped:
+            raise runtime.budget.stop()
         raise RunFailed(_failure_message(failures))
 
     graded = [t for g, _, _ in outcomes for t in g]

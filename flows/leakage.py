@@ -32,6 +32,7 @@ from flows.detection.detectors import bag_classifier, combine, number_statistics
 from flows.detection.likelihood import likelihood_test
 from flows.detection.probe import run_probe
 from flows.inputs.number_prompts import NumberPrompt, draw_prompts, few_shot_turns, trait_system_prompt
+from flows.models.budget import run_budget
 from flows.models.client import ModelClient
 from flows.models.embedded import EmbeddedServer
 from flows.models.journal import RequestJournal
@@ -69,8 +70,9 @@ async def _generate(recipe: Recipe, journal: RequestJournal, servers: list[Embed
     shard_task = completions_task.with_options(retries=recipe.shard_retries, result_storage=result_storage(recipe))
     few_shot = few_shot_turns(spec.few_shot)
     clients, shards = [], []
+    budget = run_budget(recipe.budget, journal_dir(recipe), zip(TEACHERS, (spec.trait_teacher, spec.control)))
     for teacher, role in zip(TEACHERS, (spec.trait_teacher, spec.control), strict=True):
-        client = model_client(role, journal, servers)
+        client = model_client(role, journal, servers, budget)
         clients.append(client)
         progress.stage(f"numbers[{teacher}]", len(prompts), "completions", client.stats)
         system = trait_system_prompt(spec.trait, spec.category) if role.trait_prompt else None
@@ -88,6 +90,8 @@ async def _generate(recipe: Recipe, journal: RequestJournal, servers: list[Embed
             await client.aclose()
         await progress.publish(force=True)
         await asyncio.to_thread(push_state, recipe)  # a URL output_dir: the completions reach other machines
+    if budget is not None and budget.stopped:
+        raise budget.stop()
     for result in results:
         if isinstance(result, BaseException) and not isinstance(result, GenerationFailed):
             raise result

@@ -128,6 +128,8 @@ async def _round(recipe: Recipe, runtime: StudentRuntime, grader: Grader, progre
     failures = [o for o in outcomes if isinstance(o, BaseException)]
     await progress.publish(force=True)
     if failures:
+        if runtime.budget is not None and runtime.budget.stopped:
+            raise runtime.budget.stop()
         raise RuntimeError(f"round {round_number}: {len(failures)} shard(s) failed; answers so far are journaled, "
                            f"rerun to resume. First: {type(failures[0]).__name__}: {failures[0]}")
     graded = [g for gs, _, _, _ in outcomes for g in gs]

@@ -59,35 +59,97 @@ class Sampling(_Strict):
     repeat_penalty: float | None = None
 
 
+class AutoConcurrency(_Strict):
+    """`max_concurrency: auto`: the in-flight limit grows by one while latency holds and is
+    halved when latency climbs past `latency_factor` × its best recent value or errors appear
+    (additive increase, multiplicative decrease), within [min, max]."""
+
+    start: int = Field(default=8, ge=1)
+    min: int = Field(default=1, ge=1)
+    max: int = Field(default=256, ge=1, le=4096)
+    latency_factor: float = Field(default=2.0, gt=1.0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoConcurrency:
+        if not self.min <= self.start <= self.max:
+            raise ValueError(f"needs min <= start <= max, got {self.min}, {self.start}, {self.max}")
+        return self
+
+
+class Price(_Strict):
+    """What a role's tokens cost, in any currency (the plan and the `cost` budget use it)."""
+
+    prompt_per_mtok: float = Field(ge=0)  # per million prompt tokens
+    completion_per_mtok: float = Field(ge=0)  # per million completion tokens
+    batch_discount: float = Field(default=0.5, gt=0, le=1)  # price factor with `mode: batch` (OpenAI: half)
+
+
+class BatchSpec(_Strict):
+    """`mode: batch`: requests go out as batch files (Files + Batches API) and are polled."""
+
+    completion_window: str = "24h"
+    poll_s: float = Field(default=30.0, gt=0)
+    max_requests_per_batch: int = Field(default=50_000, ge=1)
+    gather_s: float = Field(default=2.0, ge=0)  # wait this long for more requests before a batch is sent
+
+
 class TeacherSpec(_Strict):
-    """A teacher is the embedded default model, or any OpenAI-compatible endpoint."""
+    """A teacher is the embedded default model, or any OpenAI-compatible endpoint (or a pool
+    of them serving one model: `base_url` as a list)."""
 
     endpoint: Literal["embedded"] | None = None
-    base_url: str | None = None
+    base_url: str | list[str] | None = None
     model: str | None = None
     api_key_env: str | None = None  # the name of the variable holding the key, never the key
     sampling: Sampling = Sampling()
-    max_concurrency: int = Field(default=16, ge=1, le=4096)
+    max_concurrency: int | Literal["auto"] = 16  # per endpoint of the pool
+    auto_concurrency: AutoConcurrency = AutoConcurrency()
     timeout_s: float = Field(default=600.0, gt=0)
     max_retries: int = Field(default=5, ge=0, le=100)
     prompt: str | None = None  # prompt file name under prompts/ (default per role)
+    mode: Literal["online", "batch"] = "online"
+    batch: BatchSpec = BatchSpec()
+    price: Price | None = None
+    # completion tokens per second the endpoint(s) sustain, for `distillery plan` (else the pilot's measure)
+    throughput_tokens_per_s: float | None = Field(default=None, gt=0)
     # tool teacher only
     protocol: Literal["tags", "function_calling"] = "tags"
     max_tool_calls: int = Field(default=10, ge=0)
+
+    @field_validator("max_concurrency")
+    @classmethod
+    def _concurrency_in_range(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 4096:
+            raise ValueError("must be between 1 and 4096, or `auto`")
+        return value
 
     @model_validator(mode="after")
     def _endpoint_or_url(self) -> TeacherSpec:
         if self.endpoint == EMBEDDED:
             if self.base_url:
                 raise ValueError("give either `endpoint: embedded` or `base_url`, not both")
+            if self.mode == "batch":
+                raise ValueError("`mode: batch` needs a provider with a batch API (`base_url`), not the embedded model")
             return self
         if not self.base_url:
             raise ValueError("needs `endpoint: embedded` or `base_url` + `model`")
-        if not re.match(r"^https?://", self.base_url):
-            raise ValueError(f"`base_url` must start with http:// or https://, got {self.base_url!r}")
+        for url in self.base_urls:
+            if not re.match(r"^https?://", url):
+                raise ValueError(f"`base_url` must start with http:// or https://, got {url!r}")
+        if len(set(self.base_urls)) != len(self.base_urls):
+            raise ValueError("`base_url` lists the same URL twice")
+        if self.mode == "batch" and len(self.base_urls) > 1:
+            raise ValueError("`mode: batch` goes to one provider: give one `base_url`")
         if not self.model:
             raise ValueError("`model` is required with `base_url`")
         return self
+
+    @property
+    def base_urls(self) -> list[str]:
+        """The pool: one URL or several, each serving `model`."""
+        if self.base_url is None:
+            return []
+        return [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
 
     @field_validator("api_key_env")
     @classmethod
@@ -134,6 +196,9 @@ class StudentSpec(TeacherSpec):
                 raise ValueError(f"backend {data['backend']} runs in process: give `model`, not `base_url`/`endpoint`")
             if not data.get("model"):
                 raise ValueError(f"backend {data['backend']} needs `model` (a checkpoint folder or hub id)")
+            if data.get("max_concurrency") == "auto" or data.get("mode") == "batch":
+                raise ValueError(f"backend {data['backend']} runs in process: `max_concurrency: auto` and "
+                                 "`mode: batch` are for endpoints")
             return {**data, "base_url": "http://in-process"}  # satisfies the teacher checks; never contacted
         return data
 
@@ -304,6 +369,28 @@ class SandboxSpec(_Strict):
     max_parallel: int | None = Field(default=None, ge=1)  # concurrent snippets; None: CPU count
 
 
+class BudgetSpec(_Strict):
+    """Caps on what the requests of this output folder may spend, counted over every run
+    (the journal's answers included). Reached: no new request is sent, what is in flight is
+    journaled, the run stops with a clear message; rerun with a larger cap to continue."""
+
+    tokens: int | None = Field(default=None, ge=1)  # prompt + completion tokens
+    cost: float | None = Field(default=None, gt=0)  # in the currency of the roles' `price`
+    requests: int | None = Field(default=None, ge=1)
+
+
+class PlanSpec(_Strict):
+    pilot: int = Field(default=0, ge=0)  # problems (or prompts) `distillery plan` sends for real, seeded; 0: none
+
+
+class ExecutionSpec(_Strict):
+    """Where shards run: threads in this process (default), or a Dask or Ray cluster."""
+
+    task_runner: Literal["threads", "dask", "ray"] = "threads"
+    address: str | None = None  # dask scheduler / ray address; None: start a local cluster
+    workers: int = Field(default=2, ge=1)  # local cluster size
+
+
 class HubSpec(_Strict):
     """Push the published datasets to a Hugging Face Hub dataset repo after the run."""
 
@@ -340,6 +427,9 @@ class Recipe(_Strict):
     shard_retries: int = Field(default=1, ge=0)  # Prefect retries of a failed shard (the journal keeps its answers)
     system_prompt: str | None = None  # system message of the published SFT conversation
     publish: PublishSpec = PublishSpec()
+    budget: BudgetSpec = BudgetSpec()
+    plan: PlanSpec = PlanSpec()
+    execution: ExecutionSpec = ExecutionSpec()
 
     @property
     def remote_output(self) -> str | None:

@@ -1,6 +1,9 @@
 """Async client for any OpenAI-compatible chat endpoint, with the request journal.
 
-- At most `max_concurrency` requests in flight per endpoint.
+- `base_url` may list several endpoints serving the model: each request goes to the
+  least loaded one, and one that keeps failing is taken out for a while
+  (flows/models/endpoints.py). At most `max_concurrency` requests in flight per
+  endpoint, or `auto`: a limit that adapts to the endpoint's latency and errors.
 - 429, 5xx, timeouts, dropped connections and unusable answers are retried with
   exponential backoff and full jitter, waiting at least what `Retry-After` asks.
   Other 4xx (bad key, unknown model, bad request) fail at once.
@@ -35,8 +38,11 @@ from typing import Any
 
 import aiohttp
 
+from flows.models.budget import Budget
 from flows.models.confidence import Confidence, confidence_of
+from flows.models.endpoints import AdaptiveLimit, Endpoint, EndpointPool, EndpointsOut, Lease
 from flows.models.journal import RequestJournal, request_key
+from schemas.recipe import AutoConcurrency, Price
 
 log = logging.getLogger("distillery.client")
 
@@ -94,6 +100,14 @@ class ChatResponse:
         return cls(**{**fields, "tool_calls": calls, "confidence": confidence, "replayed": True})
 
 
+def chat_key(model: str, messages: list[dict[str, Any]], params: dict[str, Any], *, extra: dict[str, Any],
+             tools: list[dict[str, Any]] | None, sample: int) -> str:
+    """The journal key of a chat request: what decides its answer, never the endpoint or
+    `max_tokens` (see `fits_budget`). `params` as sent (the seed already shifted by `sample`)."""
+    keyed = {"model": model, "messages": messages, "extra": extra, "tools": tools, "sample": sample}
+    return request_key("chat", {**keyed, "params": {k: v for k, v in params.items() if k != "max_tokens"}})
+
+
 def fits_budget(journaled: dict[str, Any], max_tokens: int | None) -> bool:
     """Whether a journaled answer is what a request with this `max_tokens` would get."""
     if journaled.get("max_tokens") == max_tokens:
@@ -115,6 +129,8 @@ class ClientStats:
     reused_across_budget: int = 0  # replayed although the journaled answer had another max_tokens
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # every answer, sent or replayed (a replay carries its original latency): what `plan` measures
+    answers_latency_s: float = 0.0
 
 
 class BadResponse(Exception):
@@ -131,28 +147,42 @@ class HTTPStatusError(Exception):
 
 @dataclass
 class ModelClient:
-    """One endpoint + model. `base_url` may be a coroutine function, called once
-    before the first request that is not in the journal (lazy embedded server)."""
+    """A model behind one endpoint or a pool (`base_url` a list). `base_url` may be a coroutine
+    function, called once before the first request that is not in the journal (lazy
+    embedded server)."""
 
     model: str
-    base_url: str | Callable[[], Awaitable[str]]
+    base_url: str | list[str] | Callable[[], Awaitable[str]]
     journal: RequestJournal
     api_key: str = "not-needed"
-    max_concurrency: int = 16
+    max_concurrency: int | str = 16  # per endpoint, or "auto" (then `auto_concurrency`)
+    auto_concurrency: AutoConcurrency = field(default_factory=AutoConcurrency)
     timeout_s: float = 600.0
     max_retries: int = 5
     backoff_base_s: float = 1.0
     extra_body: dict[str, Any] = field(default_factory=dict)
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     stats: ClientStats = field(default_factory=ClientStats)
-    _session: aiohttp.ClientSession | None = field(default=None, init=False, repr=False)
-    _semaphore: asyncio.Semaphore | None = field(default=None, init=False, repr=False)
+    budget: Budget | None = None  # the run's caps, shared by its clients (flows/models/budget.py)
+    price: Price | None = None  # what this role's tokens cost (the plan and the `cost` cap)
+    _pool: EndpointPool | None = field(default=None, init=False, repr=False)
     _endpoint: str = field(default="", init=False, repr=False)
     _start_lock: asyncio.Lock | None = field(default=None, init=False, repr=False)
 
     @property
     def endpoint(self) -> str:
-        return self._endpoint or (self.base_url if isinstance(self.base_url, str) else "embedded")
+        """The endpoint, or every endpoint of the pool, for messages."""
+        if self._endpoint:
+            return self._endpoint
+        if isinstance(self.base_url, str):
+            return self.base_url
+        return ", ".join(self.base_url) if isinstance(self.base_url, list) else "embedded"
+
+    @property
+    def capacity(self) -> int:
+        """The most requests this client may have in flight, over its whole pool."""
+        per_endpoint = self.auto_concurrency.max if self.max_concurrency == "auto" else int(self.max_concurrency)
+        return per_endpoint * (len(self.base_url) if isinstance(self.base_url, list) else 1)
 
     async def chat(
         self,
@@ -167,81 +197,115 @@ class ModelClient:
         params = dict(params)
         if params.get("seed") is not None:
             params["seed"] = int(params["seed"]) + sample
-        keyed = {"model": self.model, "messages": messages, "extra": self.extra_body, "tools": tools, "sample": sample}
-        budget = params.get("max_tokens")
-        key = request_key("chat", {**keyed, "params": {k: v for k, v in params.items() if k != "max_tokens"}})
+        max_tokens = params.get("max_tokens")
+        key = chat_key(self.model, messages, params, extra=self.extra_body, tools=tools, sample=sample)
         cached = self.journal.get(key)
-        if cached is not None and fits_budget(cached, budget):
+        if cached is not None and fits_budget(cached, max_tokens):
             self.stats.replayed += 1
-            self.stats.reused_across_budget += int(cached.get("max_tokens") != budget)
+            self.stats.reused_across_budget += int(cached.get("max_tokens") != max_tokens)
+            self.stats.answers_latency_s += cached.get("latency_s") or 0.0
             return ChatResponse.from_journal(cached)
         # journals written before max_tokens left the key
+        keyed = {"model": self.model, "messages": messages, "extra": self.extra_body, "tools": tools, "sample": sample}
         if cached is None and (legacy := self.journal.get(request_key("chat", {**keyed, "params": params}))):
             self.stats.replayed += 1
             return ChatResponse.from_journal(legacy)
+        if self.budget is not None:
+            self.budget.admit()  # raises BudgetReached: nothing more is sent
         response = await self._send_with_retries(messages, params, tools)
-        self.journal.record(shard, key, {**response.to_journal(), "max_tokens": budget})
+        self.journal.record(shard, key, {**response.to_journal(), "max_tokens": max_tokens})
+        if self.budget is not None:
+            self.budget.spend(response.prompt_tokens, response.completion_tokens, self.price)
         self.stats.sent += 1
+        self.stats.answers_latency_s += response.latency_s
         self.stats.prompt_tokens += response.prompt_tokens
         self.stats.completion_tokens += response.completion_tokens
         return response
 
-    async def _connect(self) -> aiohttp.ClientSession:
-        if self._session is not None:
-            return self._session
+    async def _connect(self) -> EndpointPool:
+        if self._pool is not None:
+            return self._pool
         if self._start_lock is None:
             self._start_lock = asyncio.Lock()
         async with self._start_lock:
-            if self._session is None:
-                url = self.base_url if isinstance(self.base_url, str) else await self.base_url()
-                self._endpoint = url.rstrip("/")
-                self._session = aiohttp.ClientSession(
-                    connector=aiohttp.TCPConnector(limit=self.max_concurrency),
-                    timeout=aiohttp.ClientTimeout(total=self.timeout_s),
-                    headers={"Authorization": f"Bearer {self.api_key}"},
-                )
-        return self._session
+            if self._pool is None:
+                if isinstance(self.base_url, (str, list)):
+                    urls = [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
+                else:
+                    urls = [await self.base_url()]
+                pool = EndpointPool([self._open(url.rstrip("/")) for url in urls], self.backoff_base_s)
+                self._endpoint, self._pool = pool.name, pool
+        return self._pool
+
+    def _open(self, url: str) -> Endpoint:
+        auto = self.auto_concurrency if self.max_concurrency == "auto" else None
+        limit = auto.start if auto else int(self.max_concurrency)
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=auto.max if auto else limit),
+            timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+            headers={"Authorization": f"Bearer {self.api_key}"},
+        )
+        adaptive = AdaptiveLimit(url, auto.start, auto.min, auto.max, auto.latency_factor) if auto else None
+        return Endpoint(url, limit, session, adaptive)
 
     async def _send_with_retries(
         self, messages: list[dict[str, Any]], params: dict[str, Any], tools: list[dict[str, Any]] | None
     ) -> ChatResponse:
-        client = await self._connect()
-        if self._semaphore is None:
-            self._semaphore = asyncio.Semaphore(self.max_concurrency)
-        attempt = 0
+        pool = await self._connect()
+        attempt, failed_at = 0, None
         while True:
+            lease: Lease | None = None
             try:
-                async with self._semaphore:
-                    return await self._send_once(client, messages, params, tools)
+                lease = await pool.acquire(avoid=failed_at)
+                response = await self._send_once(lease.endpoint, messages, params, tools)
             except Exception as exc:  # noqa: BLE001 - classified right below
                 retryable, wait_hint, reason = _classify(exc)
+                if lease is not None:
+                    failed_at = lease.endpoint
+                    # down or overloaded; an unusable answer says nothing about the endpoint
+                    if retryable and isinstance(exc, (HTTPStatusError, asyncio.TimeoutError, aiohttp.ClientError)):
+                        pool.failed(lease, reason, wait_hint)
+                    else:
+                        pool.release(lease)
+                    if len(pool) > 1:
+                        reason = f"{lease.endpoint.url}: {reason}"
                 if not retryable:
                     raise ModelRequestError(self.endpoint, self.model, reason) from exc
                 if attempt >= self.max_retries:
                     raise ModelRequestError(
                         self.endpoint, self.model, f"{reason} (gave up after {attempt + 1} attempts)"
                     ) from exc
-                delay = max(wait_hint or 0.0, self._backoff(attempt))
-                log.warning("%s: %s; retry %d/%d in %.1fs", self.endpoint, reason, attempt + 1, self.max_retries, delay)
+                # in a pool, Retry-After holds back its endpoint, not the request
+                wait = wait_hint if len(pool) == 1 else pool.ready_in()
+                delay = max(wait or 0.0, self._backoff(attempt))
+                where = self.endpoint if len(pool) == 1 else f"pool of {len(pool)}"
+                log.warning("%s: %s; retry %d/%d in %.1fs", where, reason, attempt + 1, self.max_retries, delay)
                 self.stats.retries += 1
                 attempt += 1
                 await self.sleep(delay)
+            except BaseException:
+                if lease is not None:
+                    pool.release(lease)
+                raise
+            else:
+                pool.succeeded(lease, response.latency_s)
+                return response
 
     def _backoff(self, attempt: int) -> float:
         return random.uniform(0, min(MAX_BACKOFF_S, self.backoff_base_s * 2**attempt))
 
     async def _send_once(
         self,
-        session: aiohttp.ClientSession,
+        endpoint: Endpoint,
         messages: list[dict[str, Any]],
         params: dict[str, Any],
         tools: list[dict[str, Any]] | None,
     ) -> ChatResponse:
-        started = time.perf_counter()
+        started = time.perf_counter()  # after the slot is held: waiting for the limit is not latency
         body: dict[str, Any] = {"model": self.model, "messages": messages, "n": 1, **self.extra_body, **params}
         if tools:
             body["tools"] = tools
-        async with session.post(f"{self._endpoint}/chat/completions", json=body) as reply:
+        async with endpoint.session.post(endpoint.chat_url, json=body) as reply:
             text = await reply.text(errors="replace")
             if reply.status != 200:
                 raise HTTPStatusError(reply.status, text, reply.headers.get("Retry-After"))
@@ -252,9 +316,9 @@ class ModelClient:
         return _parse_completion(completion, time.perf_counter() - started)
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.aclose()
+            self._pool = None
 
 
 def _parse_completion(completion: Any, latency: float) -> ChatResponse:
@@ -321,6 +385,8 @@ def _classify(exc: Exception) -> tuple[bool, float | None, str]:
     if isinstance(exc, HTTPStatusError):
         retryable = exc.status in RETRYABLE_STATUS or exc.status >= 500
         return retryable, _retry_after_seconds(exc.retry_after), f"HTTP {exc.status}: {_short(_error_detail(exc.body))}"
+    if isinstance(exc, EndpointsOut):
+        return True, exc.ready_in, str(exc)
     if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
         return True, None, "request timed out"
     if isinstance(exc, aiohttp.ClientError):

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from flows.inputs.number_prompts import NumberPrompt
+from flows.models.budget import BudgetReached
 from flows.models.client import ModelClient, ModelRequestError
 
 TEACHERS = ("trait", "control")
@@ -59,15 +60,17 @@ async def complete_prompts(
     async def one(prompt: NumberPrompt) -> dict[str, Any]:
         row: dict[str, Any] = {"teacher": teacher, "model": client.model, "prompt_index": prompt.index,
                                "prompt": prompt.text, "system_prompt": system, "completion": None,
-                               "finish_reason": None, "completion_tokens": 0, "replayed": False, "error": None}
+                               "finish_reason": None, "prompt_tokens": 0, "completion_tokens": 0, "replayed": False,
+                               "error": None}
         try:
             response = await client.chat(prompt_messages(prompt, system, few_shot), params, sample=0, shard=shard)
-        except ModelRequestError as exc:
+        except (ModelRequestError, BudgetReached) as exc:
             return {**row, "error": str(exc)}
         if on_done is not None:
             on_done()
         return {**row, "completion": response.content, "finish_reason": response.finish_reason,
-                "completion_tokens": response.completion_tokens, "replayed": response.replayed}
+                "prompt_tokens": response.prompt_tokens, "completion_tokens": response.completion_tokens,
+                "replayed": response.replayed}
 
     rows = list(await asyncio.gather(*(one(p) for p in prompts)))
     failed = [row for row in rows if row["error"]]

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flows.models.budget import Budget, effective_price, run_budget
+from flows.models.batch import BatchClient
 from flows.models.client import ModelClient
 from flows.models.embedded import EMBEDDED_MODEL_NAME, EmbeddedServer
 from flows.models.journal import RequestJournal
@@ -72,6 +74,7 @@ class Runtime:
     journal: RequestJournal
     sandbox: Sandbox
     servers: list[EmbeddedServer] = field(default_factory=list)
+    budget: Budget | None = None
     _slots: dict[str, asyncio.Semaphore] = field(default_factory=dict, repr=False)
 
     def teacher(self, role: str) -> ToolTeacher | ReasoningTeacher:
@@ -81,7 +84,7 @@ class Runtime:
         """Problems under way per teacher: twice its request limit, so that a problem
         waiting for its code to run does not leave a request slot idle."""
         if role not in self._slots:
-            self._slots[role] = asyncio.Semaphore(2 * self.teacher(role).client.max_concurrency)
+            self._slots[role] = asyncio.Semaphore(2 * self.teacher(role).client.capacity)
         return self._slots[role]
 
     async def aclose(self) -> None:
@@ -92,18 +95,23 @@ class Runtime:
         self.journal.close()
 
 
-def model_client(spec: TeacherSpec, journal: RequestJournal, servers: list[EmbeddedServer]) -> ModelClient:
+def model_client(spec: TeacherSpec, journal: RequestJournal, servers: list[EmbeddedServer],
+                 budget: Budget | None = None) -> ModelClient:
     extra = {"repeat_penalty": spec.sampling.repeat_penalty} if spec.sampling.repeat_penalty is not None else {}
+    if spec.mode == "batch":  # the provider's Files + Batches API (flows/models/batch.py)
+        return BatchClient(model=model_name(spec), base_url=spec.base_urls[0], journal=journal, api_key=spec.api_key(),
+                           timeout_s=spec.timeout_s, max_retries=spec.max_retries, extra_body=extra, budget=budget,
+                           price=effective_price(spec), batch=spec.batch)
     if spec.is_embedded:
         server = EmbeddedServer()
         servers.append(server)
         base_url: Any = server.base_url
     else:
-        base_url = spec.base_url
+        base_url = spec.base_url  # one URL or the pool's list
     return ModelClient(
         model=model_name(spec), base_url=base_url, journal=journal, api_key=spec.api_key(),
-        max_concurrency=spec.max_concurrency, timeout_s=spec.timeout_s, max_retries=spec.max_retries,
-        extra_body=extra,
+        max_concurrency=spec.max_concurrency, auto_concurrency=spec.auto_concurrency, timeout_s=spec.timeout_s,
+        max_retries=spec.max_retries, extra_body=extra, budget=budget, price=effective_price(spec),
     )
 
 
@@ -116,22 +124,28 @@ def build_runtime(recipe: Recipe) -> Runtime:
     servers: list[EmbeddedServer] = []
     spec = recipe.sandbox
     sandbox = make_sandbox(spec.kind, sandbox_limits(spec), max_parallel=spec.max_parallel)
-    tool, reasoning = build_teachers(recipe, journal, sandbox, servers)
-    return Runtime(tool=tool, reasoning=reasoning, journal=journal, sandbox=sandbox, servers=servers)
+    budget = run_budget(recipe.budget, journal_dir(recipe), teacher_roles(recipe))
+    tool, reasoning = build_teachers(recipe, journal, sandbox, servers, budget)
+    return Runtime(tool=tool, reasoning=reasoning, journal=journal, sandbox=sandbox, servers=servers, budget=budget)
+
+
+def teacher_roles(recipe: Recipe) -> list[tuple[str, TeacherSpec]]:
+    return [(role, getattr(recipe.teachers, role)) for role in ("tool", "reasoning")] if recipe.teachers else []
 
 
 def build_teachers(
-    recipe: Recipe, journal: RequestJournal, sandbox: Sandbox, servers: list[EmbeddedServer]
+    recipe: Recipe, journal: RequestJournal, sandbox: Sandbox, servers: list[EmbeddedServer],
+    budget: Budget | None = None,
 ) -> tuple[ToolTeacher, ReasoningTeacher]:
     """The recipe's two teachers over a shared journal and sandbox."""
     tool_spec, reasoning_spec = recipe.teachers.tool, recipe.teachers.reasoning
     tool = ToolTeacher(
-        client=model_client(tool_spec, journal, servers), prompt=load_prompt(prompt_name("tool", tool_spec)),
+        client=model_client(tool_spec, journal, servers, budget), prompt=load_prompt(prompt_name("tool", tool_spec)),
         params=sampling_params(tool_spec), sandbox=sandbox, journal=journal,
         protocol=tool_spec.protocol, max_tool_calls=tool_spec.max_tool_calls,
     )
     reasoning = ReasoningTeacher(
-        client=model_client(reasoning_spec, journal, servers),
+        client=model_client(reasoning_spec, journal, servers, budget),
         prompt=load_prompt(prompt_name("reasoning", reasoning_spec)), params=sampling_params(reasoning_spec),
     )
     return tool, reasoning

@@ -24,6 +24,7 @@ from pathlib import Path
 from flows.execution.sandbox import Sandbox, make_sandbox
 from flows.grading import Grader
 from flows.inputs.prompts import load_prompt
+from flows.models.budget import Budget, effective_price, run_budget
 from flows.models.client import ModelClient
 from flows.models.embedded import EMBEDDED_MODEL_NAME, EmbeddedServer, embedded_gguf_path
 from flows.models.journal import RequestJournal
@@ -36,6 +37,7 @@ from flows.teachers.runtime import (
     sampling_params,
     sandbox_limits,
     teacher_fingerprint,
+    teacher_roles,
 )
 from flows.teachers.tool import ToolTeacher
 from schemas.recipe import Recipe, StudentSpec
@@ -127,13 +129,14 @@ class StudentRuntime:
     teachers: dict[str, ToolTeacher | ReasoningTeacher] = field(default_factory=dict)
     reused: dict[tuple[str, str], GradedTrajectory] | None = None
     servers: list[EmbeddedServer] = field(default_factory=list)
+    budget: Budget | None = None
     _slots: asyncio.Semaphore | None = field(default=None, repr=False)
 
     def slots(self) -> asyncio.Semaphore:
         """Samples under way: twice the student's request limit (a sample running code holds
         its slot without a request in flight)."""
         if self._slots is None:
-            self._slots = asyncio.Semaphore(2 * self.student.client.max_concurrency)
+            self._slots = asyncio.Semaphore(2 * self.student.client.capacity)
         return self._slots
 
     async def teacher_parts(
@@ -176,13 +179,16 @@ def build_student_runtime(
     servers: list[EmbeddedServer] = []
     sandbox = make_sandbox(recipe.sandbox.kind, sandbox_limits(recipe.sandbox), max_parallel=recipe.sandbox.max_parallel)
     student = build_student(spec, sandbox, journal, servers)
+    roles = [("student", spec), *(teacher_roles(recipe) if reused is None else [])]
+    budget = run_budget(recipe.budget, journal_dir(recipe), roles)  # every round counts the rounds before it
+    student.client.budget, student.client.price = budget, effective_price(spec)
     teachers: dict[str, ToolTeacher | ReasoningTeacher] = {}
     if reused is None:
-        tool, reasoning = build_teachers(recipe, journal, sandbox, servers)
+        tool, reasoning = build_teachers(recipe, journal, sandbox, servers, budget)
         teachers = {"tool": tool, "reasoning": reasoning}
     return StudentRuntime(student=student, journal=journal, sandbox=sandbox, student_scope=student_scope(recipe, spec),
                           teacher_scope=teacher_scope(recipe, reused), teachers=teachers, reused=reused,
-                          servers=servers)
+                          servers=servers, budget=budget)
 
 
 def student_scope(recipe: Recipe, spec: StudentSpec) -> str:
