@@ -6,7 +6,6 @@ from dataclasses import asdict
 
 from prefect import task
 
-from flows.publishing.hub import push_run
 from schemas.recipe import Recipe
 
 
@@ -23,4 +22,6 @@ def flow_run_name() -> str:
 def push_to_hub_task(recipe: Recipe, job: str) -> dict:
     """After everything is on disk: a failed push fails the run with a message that says how
     to push again alone (`distillery publish RECIPE.yaml`); nothing is lost."""
+    from flows.publishing.hub import push_run  # imports `datasets` (~0.9 s): only when a run pushes
+
     return asdict(push_run(recipe, job))

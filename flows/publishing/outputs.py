@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import yaml
 
-from flows.publishing.parquet import DatasetCardInfo, PublishedDataset, features_for, publish_dataset
 from flows.publishing.report import RunSummary, cases_markdown, teachers_markdown, wrong_reasons_markdown
 from schemas.recipe import Recipe
 from schemas.records import Composite, GradedTrajectory, Rejected
+
+if TYPE_CHECKING:
+    from flows.publishing.parquet import PublishedDataset
 
 DESCRIPTIONS = {
     "composites": (
@@ -52,6 +55,9 @@ def publish_outputs(
     trajectories: Sequence[GradedTrajectory],
     rejected: Sequence[Rejected],
 ) -> dict[str, PublishedDataset]:
+    # here, not at the top: `datasets` takes ~0.9 s to import, which would delay a run's first request
+    from flows.publishing.parquet import DatasetCardInfo, features_for, publish_dataset
+
     sections = _card_sections(recipe, summary)
     tables = {
         "composites": (composites, Composite),
