@@ -15,6 +15,11 @@ concurrently and every stage is a Prefect task cached by the content of its
 inputs. Every request is journaled, so a rerun after a failure sends only what
 is missing. A shard that fails does not stop the others; the run then fails
 with a message naming the stage, the endpoint and the error, and publishes nothing.
+
+Where shards run is the recipe's `execution:` (flows/orchestration/task_runners.py): in this
+process's event loop (`threads`, the default), or one self-contained task per shard on a
+Dask or Ray cluster (flows/stages/remote_shard.py), each with its own clients, cached by
+the content of the shard's inputs.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import asyncio
 import json
 import re
 import time
+from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -34,9 +40,13 @@ from flows.inputs.problems import load_problems
 from flows.inputs.prompts import load_prompt
 from flows.publishing.report import RunSummary, summarise, summary_markdown
 from flows.publishing.storage import check_output, output_location, pull_state, push_outputs, push_state, result_storage
+from flows.models.budget import BudgetReached
+from flows.models.client import ClientStats
 from flows.teachers.runtime import Runtime, build_runtime, teacher_fingerprint
 from flows.orchestration.progress import RunProgress
 from flows.orchestration.runs import flow_run_name, push_to_hub_task
+from flows.orchestration.task_runners import finished, is_distributed, started, submit
+from flows.stages.remote_shard import ShardOutcome, mirror_id, run_shard
 from flows.stages.shards import (
     ShardFailed,
     answer_shard,
@@ -83,6 +93,12 @@ def stitch_task(key: str, recipe: Recipe, problems: list[Problem], graded: list[
     return stitch_shard(problems, graded, load_prompt(spec.transitions), spec.order, spec.seed, recipe.system_prompt)
 
 
+@task(name="shard", cache_key_fn=key_parameter, persist_result=True, retry_delay_seconds=5)
+async def shard_task(key: str, recipe: Recipe, index: int, problems: list[Problem], flow_mirror: str) -> ShardOutcome:
+    """A whole shard on a Dask or Ray worker: its own runtime, answer, grade, stitch."""
+    return await run_shard(recipe, index, problems, flow_mirror)
+
+
 @task(name="publish")
 def publish_task(recipe: Recipe, summary: RunSummary, composites, trajectories, rejected) -> dict[str, str]:
     published = publish_outputs(recipe, summary, composites, trajectories, rejected)
@@ -94,8 +110,7 @@ async def _process_shard(
     index: int, problems: list[Problem],
 ) -> tuple[list[GradedTrajectory], list[Composite], list[Rejected]]:
     shard = shard_name(index)
-    problems_key = content_key(*problems)
-    answer_keys = {role: content_key(scope, problems_key) for role, scope in answer_scopes.items()}
+    answer_keys, grade_key, stitch_key = _stage_keys(recipe, answer_scopes, problems)
     storage = result_storage(recipe)  # None: Prefect's default; for a URL output_dir, beside the journal
     answer = answer_task.with_options(retries=recipe.shard_retries, result_storage=storage)
     grade, stitch = (stage.with_options(result_storage=storage) for stage in (grade_task, stitch_task))
@@ -110,10 +125,7 @@ async def _process_shard(
     trajectories = [t for outcome in answers for t in outcome]
     for role in ("tool", "reasoning"):
         progress.shard_done(f"answer[{role}]", shard, len(problems))
-    grade_key = content_key("grade", GRADER_VERSION, answer_keys["tool"], answer_keys["reasoning"], recipe.system_prompt)
     graded = await grade(grade_key, quote(grader), quote(trajectories), quote(problems), recipe.system_prompt)
-    stitch_key = content_key("stitch", grade_key, recipe.stitching, recipe.system_prompt,
-                             load_prompt(recipe.stitching.transitions).digest)
     composites, rejected = stitch(stitch_key, quote(recipe), quote(problems), quote(graded))
     progress.shard_done("grade", shard, len(graded))
     await progress.publish()
@@ -121,11 +133,105 @@ async def _process_shard(
     return graded, composites, rejected
 
 
+def _stage_keys(
+    recipe: Recipe, answer_scopes: dict[str, str], problems: list[Problem]
+) -> tuple[dict[str, str], str, str]:
+    """Content keys of a shard's stages: answers per role, grade, stitch (each covers the ones before)."""
+    problems_key = content_key(*problems)
+    answer_keys = {role: content_key(scope, problems_key) for role, scope in answer_scopes.items()}
+    grade_key = content_key("grade", GRADER_VERSION, answer_keys["tool"], answer_keys["reasoning"], recipe.system_prompt)
+    stitch_key = content_key("stitch", grade_key, recipe.stitching, recipe.system_prompt,
+                             load_prompt(recipe.stitching.transitions).digest)
+    return answer_keys, grade_key, stitch_key
+
+
+async def _run_here(
+    recipe: Recipe, answer_scopes: dict[str, str], progress: RunProgress, shards: list[list[Problem]]
+) -> tuple[list, dict[str, ClientStats], str, BudgetReached | None]:
+    """Every shard in this process's event loop (`execution.task_runner: threads`)."""
+    runtime = build_runtime(recipe)
+    grader = Grader(workers=1)
+    problems = sum(len(shard) for shard in shards)
+    for role in ("tool", "reasoning"):
+        progress.stage(f"answer[{role}]", problems, "answers", runtime.teacher(role).client.stats)
+    progress.stage("grade", 2 * problems, "answers")
+    try:
+        outcomes = await asyncio.gather(
+            *(_process_shard(recipe, answer_scopes, runtime, grader, progress, i, shard)
+              for i, shard in enumerate(shards)),
+            return_exceptions=True,
+        )
+    finally:
+        await runtime.aclose()
+        grader.close()
+        await asyncio.to_thread(push_state, recipe)
+    stopped = runtime.budget.stop() if runtime.budget is not None and runtime.budget.stopped else None
+    stats = {role: runtime.teacher(role).client.stats for role in ("tool", "reasoning")}
+    return outcomes, stats, runtime.sandbox.name, stopped
+
+
+async def _run_on_workers(
+    recipe: Recipe, answer_scopes: dict[str, str], progress: RunProgress, shards: list[list[Problem]]
+) -> tuple[list, dict[str, ClientStats], str, BudgetReached | None]:
+    """One `shard_task` per shard on the recipe's Dask or Ray cluster; progress and request
+    figures are counted as each shard returns (cached shards count no request)."""
+    if recipe.remote_output is None:  # workers may not share this process's working directory
+        recipe = recipe.model_copy(update={"output_dir": str(Path(recipe.output_dir).resolve())})
+    stats = {role: ClientStats() for role in ("tool", "reasoning")}
+    problems = sum(len(shard) for shard in shards)
+    for role in ("tool", "reasoning"):
+        progress.stage(f"answer[{role}]", problems, "answers", stats[role])
+    progress.stage("grade", 2 * problems, "answers")
+    on_worker = shard_task.with_options(retries=recipe.shard_retries, result_storage=result_storage(recipe))
+    outcomes: list = [None] * len(shards)
+    sandbox = "unknown"
+    try:
+        async with started(recipe.execution) as runner:
+            # not quote(...)d as above: Dask rebuilds tuples (a quote is one) as plain tuples;
+            # a shard's problems are walked in ~10 ms
+            futures = [
+                submit(runner, on_worker, key=content_key("shard", _stage_keys(recipe, answer_scopes, shard)[2]),
+                       recipe=recipe, index=i, problems=shard, flow_mirror=mirror_id(recipe))
+                for i, shard in enumerate(shards)
+            ]
+            async for done in finished(futures):
+                outcomes[done.index] = done.value
+                if done.failed:
+                    continue
+                name, result = shard_name(done.index), done.value
+                for role in ("tool", "reasoning"):
+                    if done.cached:
+                        progress.shard_done(f"answer[{role}]", name, len(shards[done.index]))
+                        continue
+                    _add_stats(stats[role], result.stats[role])
+                    tick = progress.ticker(f"answer[{role}]", name)  # answered by this run: counts in the rate
+                    for _ in shards[done.index]:
+                        tick()
+                progress.shard_done("grade", name, len(result.graded))
+                sandbox = result.sandbox
+                await progress.publish()
+                await asyncio.to_thread(push_state, recipe)
+    finally:
+        await asyncio.to_thread(push_state, recipe)
+    failed = [e for o in outcomes if isinstance(o, BaseException)
+              for e in (o.exceptions if isinstance(o, BaseExceptionGroup) else [o])]
+    stopped = next((e for f in failed if isinstance(f, ShardFailed) for _, e in f.errors
+                    if isinstance(e, BudgetReached)), None)
+    outcomes = [(o.graded, o.composites, o.rejected) if isinstance(o, ShardOutcome) else o for o in outcomes]
+    return outcomes, stats, sandbox, stopped
+
+
+def _add_stats(total: ClientStats, shard: ClientStats) -> None:
+    for name, value in vars(shard).items():
+        setattr(total, name, getattr(total, name) + value)
+
+
 def _failure_message(failures: list[BaseException]) -> str:
     lines = [f"{len(failures)} shard(s) failed; answers already received are journaled, rerun to resume:"]
     flat = [e for f in failures for e in (f.exceptions if isinstance(f, BaseExceptionGroup) else [f])]
     for failure in flat:
-        lines.append(f"  - {failure}" if isinstance(failure, ShardFailed) else f"  - {type(failure).__name__}: {failure}")
+        kind = getattr(failure, "type_name", type(failure).__name__)  # a WorkerError names the original type
+        lines.append(f"  - {failure}" if isinstance(failure, ShardFailed) else f"  - {kind}: {failure}")
     return "\n".join(lines)
 
 
@@ -147,37 +253,22 @@ async def dualdistill(recipe_path: str | None = None, recipe: dict | None = None
         role: content_key("answer", STAGE_VERSION, run_token, teacher_fingerprint(role, recipe))
         for role in ("tool", "reasoning")
     }
-    runtime = build_runtime(recipe)
-    grader = Grader(workers=1)
     progress = RunProgress(recipe.state_dir, recipe.run_name, "dualdistill")
-    for role in ("tool", "reasoning"):
-        progress.stage(f"answer[{role}]", len(problems), "answers", runtime.teacher(role).client.stats)
-    progress.stage("grade", 2 * len(problems), "answers")
-    try:
-        outcomes = await asyncio.gather(
-            *(_process_shard(recipe, answer_scopes, runtime, grader, progress, i, shard)
-              for i, shard in enumerate(shards)),
-            return_exceptions=True,
-        )
-    finally:
-        await runtime.aclose()
-        grader.close()
-        await asyncio.to_thread(push_state, recipe)
+    run_shards = _run_on_workers if is_distributed(recipe.execution) else _run_here
+    outcomes, stats, sandbox, stopped = await run_shards(recipe, answer_scopes, progress, shards)
     failures = [o for o in outcomes if isinstance(o, BaseException)]
     await progress.publish(force=True)
     if failures:
-        stopped = runtime.budget is not None and runtime.budget.stopped
         progress.finish("stopped by its budget" if stopped else "failed")
         if stopped:
-            raise runtime.budget.stop()
+            raise stopped
         raise RunFailed(_failure_message(failures))
 
     graded = [t for g, _, _ in outcomes for t in g]
     composites = [c for _, cs, _ in outcomes for c in cs]
     rejected = [r for _, _, rs in outcomes for r in rs]
     summary = summarise(recipe.run_name, len(problems), graded, composites, rejected)
-    summary.sandbox, summary.grader = runtime.sandbox.name, GRADER_VERSION
-    stats = {role: runtime.teacher(role).client.stats for role in ("tool", "reasoning")}
+    summary.sandbox, summary.grader = sandbox, GRADER_VERSION
     summary.sent_this_run = {role: s.sent for role, s in stats.items()}
     summary.reused_across_budget = {role: s.reused_across_budget for role, s in stats.items()}
     summary.datasets = publish_task(quote(recipe), quote(summary), quote(composites), quote(graded), quote(rejected))

@@ -67,18 +67,18 @@ def check_output(recipe: Recipe) -> None:
         raise OutputLocationError(f"output_dir {url}: cannot write there: {type(exc).__name__}: {exc}") from None
 
 
-def pull_state(recipe: Recipe) -> None:
-    """Download the URL's `.distillery/` into the mirror. Journal files present on both sides
-    with different lengths are merged line by line (they are append-only, so the same length
-    is taken as the same content; no local line is ever lost); other state files (run token,
-    summaries) are taken from the URL."""
+def pull_state(recipe: Recipe, only: str | None = None) -> None:
+    """Download the URL's `.distillery/` (or its folder `only`, e.g. "journal") into the mirror.
+    Journal files present on both sides with different lengths are merged line by line (they
+    are append-only, so the same length is taken as the same content; no local line is ever
+    lost); other state files (run token, summaries) are taken from the URL."""
     if (url := recipe.remote_output) is None:
         return
     fs, root = _filesystem(url)
     remote_state = f"{root}/{STATE}"
     fs.invalidate_cache(remote_state)
     wanted = {}
-    for remote, info in fs.find(remote_state, detail=True).items():
+    for remote, info in fs.find(f"{remote_state}/{only}" if only else remote_state, detail=True).items():
         relative = remote[len(remote_state) + 1 :]
         local = recipe.state_dir / relative
         if relative.split("/")[0] in (RESULTS, "journal.index"):
@@ -97,23 +97,23 @@ def pull_state(recipe: Recipe) -> None:
                 _remember(url, recipe.work_dir, [(local, _stamp(local))])
 
 
-def push_state(recipe: Recipe) -> None:
-    """Upload the files of the mirror's `.distillery/` that changed since they last matched
-    the URL (cheap when nothing did). A journal file is cut after its last complete line.
+def push_state(recipe: Recipe, only: str | None = None) -> None:
+    """Upload the files of the mirror's `.distillery/` (or of its folder `only`) that changed
+    since they last matched the URL (cheap when nothing did). A journal file is cut after its last complete line.
     A failure is logged, never raised: it must not fail a shard or hide a run's own error."""
     try:
-        _push_state(recipe)
+        _push_state(recipe, only)
     except Exception as exc:  # noqa: BLE001 - see the docstring
         log.warning("output_dir %s: could not upload the run's state (%s: %s); it stays in %s and goes "
                     "with the next push", recipe.output_dir, type(exc).__name__, exc, recipe.state_dir)
 
 
-def _push_state(recipe: Recipe) -> None:
+def _push_state(recipe: Recipe, only: str | None = None) -> None:
     if (url := recipe.remote_output) is None:
         return
     fs, root = _filesystem(url)
     with _lock:
-        changed = _changed(url, recipe.work_dir, _files(recipe.state_dir))
+        changed = _changed(url, recipe.work_dir, _files(recipe.state_dir / only if only else recipe.state_dir))
         contents = {}
         for path, _ in changed:
             data = path.read_bytes()

@@ -1,0 +1,164 @@
+"""Where a flow's shards run (`execution:` in the recipe): threads in the flow's process, or
+a Dask or Ray cluster through Prefect's own task runners (prefect-dask, prefect-ray).
+
+    execution: {task_runner: dask, workers: 4}                        # a local cluster of 4 processes
+    execution: {task_runner: dask, address: tcp://scheduler:8786}     # a running Dask scheduler
+    execution: {task_runner: ray}                                     # a local Ray runtime
+    execution: {task_runner: ray, address: ray://head:10001}          # a running Ray cluster
+
+`threads` (the default) is the flow's own event loop: nothing here is used. With `dask` or
+`ray` the flow submits one self-contained task per shard (flows/stages/remote_shard.py),
+which builds its own clients from the recipe where it runs, so each shard in flight has the
+recipe's `max_concurrency` per teacher. A local cluster runs one shard per worker at a time
+(Dask: one thread per worker process; Ray: `num_cpus` = workers, a task takes one CPU), so
+there the limit is per worker. On a cluster of your own, a Dask worker runs as many shards at
+once as it has threads (`dask worker ADDRESS --nthreads 1` for one) and a Ray node as many as
+it has CPUs.
+
+Workers need the flow's Prefect API: without PREFECT_API_URL a flow runs on a temporary
+server, and each worker would start one of its own; `workers_reach_the_api` hands them the
+flow's instead (a local cluster reaches it on loopback; a remote one needs a real server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from prefect.futures import PrefectFuture, as_completed
+from prefect.task_runners import TaskRunner
+from prefect.tasks import Task
+
+from schemas.recipe import ExecutionSpec
+
+INSTALL_HINTS = {"dask": "pip install 'distillery[dask]' (prefect-dask)",
+                 "ray": "pip install 'distillery[ray]' (prefect-ray)"}
+
+
+class TaskRunnerUnavailable(RuntimeError):
+    """The recipe asks for a task runner whose package is not installed."""
+
+
+def is_distributed(spec: ExecutionSpec) -> bool:
+    return spec.task_runner != "threads"
+
+
+def build_task_runner(spec: ExecutionSpec) -> TaskRunner:
+    """The Prefect task runner for a distributed `execution:` (not started)."""
+    try:
+        if spec.task_runner == "dask":
+            from prefect_dask import DaskTaskRunner
+
+            if spec.address:
+                return DaskTaskRunner(address=spec.address)
+            return DaskTaskRunner(cluster_kwargs={
+                "n_workers": spec.workers, "threads_per_worker": 1, "processes": True,
+                "dashboard_address": ":0",  # any free port: two runs on one machine do not collide
+            })
+        if spec.task_runner == "ray":
+            from prefect_ray import RayTaskRunner
+
+            if spec.address:
+                return RayTaskRunner(address=spec.address)
+            return RayTaskRunner(init_kwargs={"num_cpus": spec.workers, "include_dashboard": False})
+    except ImportError as exc:
+        raise TaskRunnerUnavailable(f"execution.task_runner: {spec.task_runner} needs "
+                                    f"{INSTALL_HINTS[spec.task_runner]}: {exc}") from None
+    raise ValueError(f"execution.task_runner: {spec.task_runner!r} is not a distributed task runner")
+
+
+@contextlib.asynccontextmanager
+async def started(spec: ExecutionSpec) -> AsyncIterator[TaskRunner]:
+    """The recipe's task runner, started (a local cluster is created here, and shut down on
+    exit) off the event loop, with the flow's Prefect API handed to its workers."""
+    runner = build_task_runner(spec)
+    with workers_reach_the_api(spec):
+        if spec.task_runner == "dask":
+            runner.__enter__()  # cheap: the cluster comes with the client, in a thread
+            await asyncio.to_thread(lambda: runner.client)
+        else:
+            runner.__enter__()  # ray.init in the main thread, where it sets its signal handlers
+        try:
+            yield runner
+        finally:
+            await asyncio.to_thread(runner.__exit__, None, None, None)
+
+
+@contextlib.contextmanager
+def workers_reach_the_api(spec: ExecutionSpec) -> Iterator[None]:
+    """Without PREFECT_API_URL the flow's client talks to a temporary server; put its URL in
+    the settings that travel with each submitted task, so workers use it too."""
+    from prefect import get_run_logger
+    from prefect.context import FlowRunContext
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    context = FlowRunContext.get()
+    if PREFECT_API_URL.value() or context is None or context.client is None:
+        yield
+        return
+    url = str(context.client.api_url).rstrip("/")
+    if spec.address:
+        get_run_logger().warning(
+            "execution.address %s: this run's Prefect server is a temporary one on %s, which workers on other "
+            "machines cannot reach; start a server they can reach and set PREFECT_API_URL", spec.address, url)
+    with temporary_settings({PREFECT_API_URL: url}):
+        yield
+
+
+def submit(runner: TaskRunner, task: Task, **parameters: Any) -> PrefectFuture:
+    """`task.submit(**parameters)` through `runner` (what Task.submit does with the flow's own)."""
+    return runner.submit(task, parameters)
+
+
+@dataclass
+class Finished:
+    """A submitted task that ended: its position in the submitted list, its return value or
+    the exception it failed with, and whether it was a cache hit (nothing ran)."""
+
+    index: int
+    value: Any
+    failed: bool
+    cached: bool
+
+
+async def finished(futures: list[PrefectFuture]) -> AsyncIterator[Finished]:
+    """Each future as it ends, in the order they end, waited for in one thread so the
+    event loop stays free. A task's own exception is its value (`failed`); a lost worker or
+    a result that cannot be read is one too."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Finished | BaseException] = asyncio.Queue()
+    position = {id(future): i for i, future in enumerate(futures)}
+
+    def wait() -> None:
+        try:
+            for future in as_completed(futures):
+                loop.call_soon_threadsafe(queue.put_nowait, _outcome(position[id(future)], future))
+        except BaseException as exc:  # noqa: BLE001 - handed to the flow's loop, raised there
+            loop.call_soon_threadsafe(queue.put_nowait, exc)
+
+    waiter = loop.run_in_executor(None, wait)
+    try:
+        for _ in futures:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        await waiter
+
+
+def _outcome(index: int, future: PrefectFuture) -> Finished:
+    try:
+        value = future.result(raise_on_failure=False)  # a failed task's exception is returned
+    except Exception as exc:  # noqa: BLE001 - the worker was lost (Dask's KilledWorker…)
+        return Finished(index, exc, failed=True, cached=False)
+    state = future.state
+    if isinstance(value, BaseException):
+        return Finished(index, value, failed=True, cached=False)
+    if not state.is_completed():
+        return Finished(index, RuntimeError(f"task run {future.task_run_id} ended {state.name}: {state.message}"),
+                        failed=True, cached=False)
+    return Finished(index, value, failed=False, cached=state.name == "Cached")

@@ -1,0 +1,312 @@
+"""Scale-out (`execution:`): shards on a local Dask cluster or a local Ray runtime give the
+same datasets as threads, a rerun sends nothing, and a failed shard fails the run by name."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pickle
+
+import datasets
+import pytest
+from fake_openai import FakeOpenAIServer, Reply
+from flow_helpers import ScriptedTeachers, write_problems, write_recipe
+
+from flows.models.budget import BudgetReached
+from flows.models.client import ModelRequestError
+from flows.orchestration.task_runners import TaskRunnerUnavailable, build_task_runner
+from flows.stages.remote_shard import WorkerError, portable, run_shard
+from flows.stages.shards import ShardFailed
+from schemas.recipe import ExecutionSpec, load_recipe
+
+PER_KIND = 3  # 12 problems in 4 shards of 3
+CASES = {"both_correct": 3, "first_correct": 3, "second_corrects": 3, "both_wrong": 3}
+
+
+def run(recipe_path):
+    from flows.dualdistill import dualdistill
+
+    return asyncio.run(dualdistill(str(recipe_path)))
+
+
+def rows_of(folder, *order):
+    rows = datasets.load_dataset(str(folder), split="train").to_list()
+    return sorted(rows, key=lambda r: tuple(str(r[k]) for k in order))
+
+
+def comparable(rows):
+    """Dataset rows without what differs between two runs of the same answers (timings)."""
+    return [{k: v for k, v in r.items() if k not in {"latency_s"}} for r in rows]
+
+
+def needs(module: str) -> None:
+    pytest.importorskip(module, reason=f"{module} is not installed (pip install -e '.[test]' installs it)")
+
+
+# -- no cluster: the pieces ------------------------------------------------------------------
+
+
+def test_runners_are_built_from_the_recipe():
+    needs("prefect_dask")
+    needs("prefect_ray")
+    local = build_task_runner(ExecutionSpec(task_runner="dask", workers=3))
+    assert local.cluster_kwargs["n_workers"] == 3 and local.cluster_kwargs["threads_per_worker"] == 1
+    assert build_task_runner(ExecutionSpec(task_runner="dask", address="tcp://10.0.0.1:8786")).address == \
+        "tcp://10.0.0.1:8786"
+    ray = build_task_runner(ExecutionSpec(task_runner="ray", workers=2))
+    assert ray.init_kwargs["num_cpus"] == 2 and ray.address is None
+    assert build_task_runner(ExecutionSpec(task_runner="ray", address="ray://head:10001")).init_kwargs.get(
+        "num_cpus") is None
+
+
+def test_a_missing_package_is_named(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "prefect_dask", None)  # import prefect_dask now raises ImportError
+    with pytest.raises(TaskRunnerUnavailable, match=r"distillery\[dask\]"):
+        build_task_runner(ExecutionSpec(task_runner="dask"))
+
+
+def test_failures_cross_a_process_boundary_with_their_message():
+    error = ModelRequestError("http://gpu:8000/v1", "m", "HTTP 500 after 2 retries")  # does not unpickle as it is
+    failure = ShardFailed("answer[tool]", "shard-00002", [("p1", error), ("p2", BudgetReached("budget.requests"))], 3)
+    travelled = pickle.loads(pickle.dumps(portable(failure)))
+    assert isinstance(travelled, ShardFailed) and str(travelled) == str(failure)
+    assert travelled.stage == "answer[tool]" and travelled.shard == "shard-00002"
+    (_, first), (_, second) = travelled.errors
+    assert isinstance(first, WorkerError) and first.type_name == "ModelRequestError" and str(first) == str(error)
+    assert isinstance(second, BudgetReached)
+    group = pickle.loads(pickle.dumps(portable(BaseExceptionGroup("both", [failure, ValueError("x")]))))
+    assert isinstance(group.exceptions[0], ShardFailed) and isinstance(group.exceptions[1], ValueError)
+
+
+def test_a_shard_runs_self_contained_and_replays_from_the_journal(tmp_path):
+    """The worker's function alone (no Prefect): its own runtime from the recipe, then closed."""
+    rows = write_problems(tmp_path / "problems.jsonl", per_kind=1)
+    with FakeOpenAIServer(ScriptedTeachers(rows)) as server:
+        recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path / "problems.jsonl", server.base_url,
+                                          tmp_path / "out"))
+        from flows.inputs.problems import load_problems
+
+        problems = load_problems(recipe.problems)
+        outcome = asyncio.run(run_shard(recipe, 0, problems))
+        sent = len(server.requests)
+        again = asyncio.run(run_shard(recipe, 0, problems))
+    assert sent == 4 * 2 + 4 and len(server.requests) == sent  # the second call is all journal replays
+    assert outcome.stats["tool"].sent == 8 and again.stats["tool"].sent == 0 and again.stats["tool"].replayed == 8
+    assert sorted(c.case for c in outcome.composites) == ["both_correct", "first_correct", "second_corrects"]
+    assert [r.id for r in outcome.rejected] == ["both_wrong-0"]
+    assert [c.model_dump() for c in again.composites] == [c.model_dump() for c in outcome.composites]
+    assert sorted(p.name for p in (tmp_path / "out" / ".distillery" / "journal").glob("*.jsonl")) == [
+        "reasoning-shard-00000.jsonl", "tool-shard-00000.jsonl"]
+    pickle.loads(pickle.dumps(outcome))
+
+
+# -- a local cluster: the whole flow -----------------------------------------------------------
+
+
+def _threads_reference(tmp_path, rows):
+    with FakeOpenAIServer(ScriptedTeachers(rows)) as server:
+        recipe = write_recipe(tmp_path / "threads.yaml", tmp_path / "problems.jsonl", server.base_url,
+                              tmp_path / "threads")
+        summary = run(recipe)
+    return summary, len(server.requests)
+
+
+def _same_as_threads_then_rerun_sends_nothing(tmp_path, execution):
+    rows = write_problems(tmp_path / "problems.jsonl", per_kind=PER_KIND)
+    reference, reference_requests = _threads_reference(tmp_path, rows)
+    with FakeOpenAIServer(ScriptedTeachers(rows)) as server:
+        recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "problems.jsonl", server.base_url, tmp_path / "out",
+                              execution=execution)
+        summary = run(recipe)
+        first_requests = len(server.requests)
+    assert summary["cases"] == reference["cases"] == CASES
+    assert first_requests == reference_requests == 12 * 3
+    assert summary["sent_this_run"] == {"tool": 24, "reasoning": 12} == reference["sent_this_run"]
+    assert summary["teachers"] == reference["teachers"]
+    for name, order in (("composites", ("id", "first_teacher")), ("rejected", ("id",)),
+                        ("trajectories", ("problem_id", "teacher"))):
+        ours, theirs = rows_of(tmp_path / "out" / name, *order), rows_of(tmp_path / "threads" / name, *order)
+        assert comparable(ours) == comparable(theirs), name
+    journal = sorted(p.name for p in (tmp_path / "out" / ".distillery" / "journal").glob("*.jsonl"))
+    assert journal == sorted(f"{role}-shard-{i:05d}.jsonl" for role in ("tool", "reasoning") for i in range(4))
+
+    with FakeOpenAIServer(lambda body: Reply(status=500)) as dead:  # a rerun: cache hits, no request
+        recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "problems.jsonl", dead.base_url, tmp_path / "out",
+                              execution=execution)
+        again = run(recipe)
+    assert dead.requests == [] and again["cases"] == CASES
+    assert again["sent_this_run"] == {"tool": 0, "reasoning": 0}
+    progress = json.loads((tmp_path / "out" / ".distillery" / "progress.json").read_text())
+    assert progress["state"] == "completed"
+    assert {s["name"]: (s["done"], s["total"]) for s in progress["stages"]} == {
+        "answer[tool]": (12, 12), "answer[reasoning]": (12, 12), "grade": (24, 24)}
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_dask_local_cluster_gives_the_threads_output_and_a_rerun_sends_nothing(tmp_path):
+    needs("prefect_dask")
+    _same_as_threads_then_rerun_sends_nothing(tmp_path, {"task_runner": "dask", "workers": 2})
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_ray_local_runtime_gives_the_threads_output_and_a_rerun_sends_nothing(tmp_path):
+    needs("prefect_ray")
+    _same_as_threads_then_rerun_sends_nothing(tmp_path, {"task_runner": "ray", "workers": 2})
+
+
+@pytest.fixture(scope="module")
+def dask_scheduler():
+    """A Dask cluster started outside the flow: recipes reach it by `execution.address`."""
+    needs("prefect_dask")
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        yield cluster.scheduler_address
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_failed_shard_on_a_worker_fails_the_run_by_name_and_a_rerun_resends_only_it(tmp_path, dask_scheduler):
+    rows = write_problems(tmp_path / "problems.jsonl", per_kind=PER_KIND)
+    script = ScriptedTeachers(rows)
+    broken_problem = rows[4]["problem"]  # in shard 1
+
+    def fails_one_problem(body):
+        if any(broken_problem in str(m.get("content")) for m in body["messages"]) and body["model"] == "fake-reasoner":
+            return Reply(status=500)
+        return script(body)
+
+    execution = {"task_runner": "dask", "address": dask_scheduler}
+    with FakeOpenAIServer(fails_one_problem) as broken:
+        recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "problems.jsonl", broken.base_url, tmp_path / "out",
+                              execution=execution)
+        from flows.dualdistill import RunFailed
+
+        with pytest.raises(RunFailed) as failure:
+            run(recipe)
+        answered = len([r for r in broken.requests if r["model"] == "fake-model"])
+    message = str(failure.value)
+    assert "1 shard(s) failed" in message and "stage answer[reasoning], shard-00001" in message
+    assert broken.base_url in message and "HTTP 500" in message
+    assert answered == 24 and not (tmp_path / "out" / "composites").exists()
+
+    with FakeOpenAIServer(script) as healthy:
+        recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "problems.jsonl", healthy.base_url, tmp_path / "out",
+                              execution=execution)
+        summary = run(recipe)
+    assert [r["model"] for r in healthy.requests] == ["fake-reasoner"]  # the one request never answered
+    assert summary["cases"] == CASES and summary["sent_this_run"] == {"tool": 0, "reasoning": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_budget_cap_reached_on_a_worker_stops_the_run(tmp_path, dask_scheduler):
+    rows = write_problems(tmp_path / "problems.jsonl", per_kind=PER_KIND)
+    with FakeOpenAIServer(ScriptedTeachers(rows)) as server:
+        recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "problems.jsonl", server.base_url, tmp_path / "out",
+                              execution={"task_runner": "dask", "address": dask_scheduler},
+                              budget={"requests": 10})
+        with pytest.raises(BudgetReached, match=r"budget\.requests"):
+            run(recipe)
+    progress = json.loads((tmp_path / "out" / ".distillery" / "progress.json").read_text())
+    assert progress["state"] == "stopped by its budget"
+    # each shard counts the journal as it found it plus its own requests: two shards at once
+    # may each send up to the cap's remainder
+    assert 10 <= len(server.requests) <= 2 * 10
+
+
+# -- output_dir as a URL: workers on other machines pull and push the state ----------------------
+
+BUCKET = "scale-out-test"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on 127.0.0.1 with one bucket; the AWS_* variables point at it (and
+    reach the worker processes a flow starts)."""
+    moto_server = pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+    import logging
+
+    import fsspec
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+            env.setenv(name, value)
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs = fsspec.filesystem("s3")
+        fs.mkdir(BUCKET)
+        yield fs
+        s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
+
+
+@pytest.fixture
+def machine(tmp_path, monkeypatch):
+    """`machine()`: this process now works as a fresh machine would (an empty mirror folder)."""
+    import schemas.recipe
+    from flows.publishing import storage
+
+    machines = iter(range(100))
+
+    def fresh():
+        monkeypatch.setattr(schemas.recipe, "OUTPUT_MIRRORS", tmp_path / f"machine-{next(machines)}")
+        monkeypatch.setattr(storage, "_in_sync", {})
+
+    fresh()
+    return fresh
+
+
+def test_a_shard_on_another_machine_pulls_and_pushes_the_journal_at_the_url(s3, machine, tmp_path):
+    from flows.inputs.problems import load_problems
+
+    rows = write_problems(tmp_path / "problems.jsonl", per_kind=1)
+    url = f"s3://{BUCKET}/plain"
+    with FakeOpenAIServer(ScriptedTeachers(rows)) as server:
+        recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path / "problems.jsonl", server.base_url, url))
+        problems = load_problems(recipe.problems)
+        first = asyncio.run(run_shard(recipe, 0, problems, flow_mirror="the-flows-machine:/elsewhere"))
+    assert first.stats["tool"].sent == 8
+    s3.invalidate_cache()
+    assert sorted(p.rsplit("/", 1)[1] for p in s3.find(f"{BUCKET}/plain/.distillery/journal")) == [
+        "reasoning-shard-00000.jsonl", "tool-shard-00000.jsonl"]
+
+    machine()  # the shard again, on a machine that has never seen it: the URL's journal answers
+    with FakeOpenAIServer(lambda body: Reply(status=500)) as dead:
+        recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path / "problems.jsonl", dead.base_url, url))
+        again = asyncio.run(run_shard(recipe, 0, problems, flow_mirror="the-flows-machine:/elsewhere"))
+    assert dead.requests == [] and again.stats["tool"].replayed == 8
+    assert [c.model_dump() for c in again.composites] == [c.model_dump() for c in first.composites]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_dask_workers_with_their_own_mirrors_resume_a_url_run_from_its_journal(s3, machine, tmp_path, monkeypatch):
+    needs("prefect_dask")
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "workers"))  # the workers' mirrors: not the flow's
+    rows = write_problems(tmp_path / "problems.jsonl", per_kind=PER_KIND)
+    url = f"s3://{BUCKET}/flow"
+    execution = {"task_runner": "dask", "workers": 2}
+    with FakeOpenAIServer(ScriptedTeachers(rows)) as server:
+        summary = run(write_recipe(tmp_path / "r.yaml", tmp_path / "problems.jsonl", server.base_url, url,
+                                   execution=execution))
+    assert len(server.requests) == 12 * 3 and summary["cases"] == CASES
+    assert summary["datasets"]["composites"] == f"{url}/composites"
+    assert (tmp_path / "workers" / "outputs").is_dir()  # the workers worked in mirrors of their own
+
+    machine()  # a fresh flow machine, and no cached stage result: every answer from the URL's journal
+    s3.rm(f"{BUCKET}/flow/.distillery/prefect-results", recursive=True)
+    with FakeOpenAIServer(lambda body: Reply(status=500)) as dead:
+        again = run(write_recipe(tmp_path / "r.yaml", tmp_path / "problems.jsonl", dead.base_url, url,
+                                 execution=execution))
+    assert dead.requests == [] and again["cases"] == CASES
+    assert again["teachers"]["tool"]["replayed_requests"] == 24
