@@ -10,6 +10,7 @@ import pickle
 import datasets
 import pytest
 from fake_openai import FakeOpenAIServer, Reply
+from moto_s3 import moto_s3
 from flow_helpers import ScriptedTeachers, write_problems, write_recipe
 
 from flows.models.budget import BudgetReached
@@ -226,28 +227,8 @@ BUCKET = "scale-out-test"
 
 @pytest.fixture(scope="module")
 def s3():
-    """A moto S3 server on 127.0.0.1 with one bucket; the AWS_* variables point at it (and
-    reach the worker processes a flow starts)."""
-    moto_server = pytest.importorskip("moto.server")
-    s3fs = pytest.importorskip("s3fs")
-    import logging
-
-    import fsspec
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
-            env.setenv(name, value)
-        s3fs.S3FileSystem.clear_instance_cache()
-        fs = fsspec.filesystem("s3")
-        fs.mkdir(BUCKET)
+    with moto_s3(BUCKET) as fs:
         yield fs
-        s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
 
 
 @pytest.fixture
