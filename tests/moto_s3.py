@@ -33,3 +33,21 @@ def moto_s3(bucket: str) -> Iterator:
             s3fs.S3FileSystem.clear_instance_cache()
     finally:
         server.stop()
+
+
+def fresh_machines(tmp_path, monkeypatch):
+    """`fresh()` makes this process work as a new machine would: an empty output mirror
+    folder (returned) and no memo of what was synced. Called once before it is returned."""
+    import schemas.recipe
+    from flows.publishing import storage
+
+    machines = iter(range(100))
+
+    def fresh():
+        folder = tmp_path / f"machine-{next(machines)}"
+        monkeypatch.setattr(schemas.recipe, "OUTPUT_MIRRORS", folder)
+        monkeypatch.setattr(storage, "_in_sync", {})  # the process memo of that machine
+        return folder
+
+    fresh()
+    return fresh

@@ -10,7 +10,7 @@ import pickle
 import datasets
 import pytest
 from fake_openai import FakeOpenAIServer, Reply
-from moto_s3 import moto_s3
+from moto_s3 import fresh_machines, moto_s3
 from flow_helpers import ScriptedTeachers, write_problems, write_recipe
 
 from flows.models.budget import BudgetReached
@@ -234,17 +234,7 @@ def s3():
 @pytest.fixture
 def machine(tmp_path, monkeypatch):
     """`machine()`: this process now works as a fresh machine would (an empty mirror folder)."""
-    import schemas.recipe
-    from flows.publishing import storage
-
-    machines = iter(range(100))
-
-    def fresh():
-        monkeypatch.setattr(schemas.recipe, "OUTPUT_MIRRORS", tmp_path / f"machine-{next(machines)}")
-        monkeypatch.setattr(storage, "_in_sync", {})
-
-    fresh()
-    return fresh
+    return fresh_machines(tmp_path, monkeypatch)
 
 
 def test_a_shard_on_another_machine_pulls_and_pushes_the_journal_at_the_url(s3, machine, tmp_path):

@@ -11,10 +11,8 @@ from pathlib import Path
 
 import fsspec
 import pytest
-from moto_s3 import moto_s3
+from moto_s3 import fresh_machines, moto_s3
 
-import schemas.recipe
-from flows.publishing import storage
 from flows.publishing.storage import (
     OutputLocationError,
     check_output,
@@ -38,16 +36,7 @@ def s3():
 @pytest.fixture
 def mirrors(tmp_path, monkeypatch):
     """Point the mirrors at a temporary folder; `fresh()` gives another machine's empty cache."""
-    machines = iter(range(100))
-
-    def fresh() -> Path:
-        folder = tmp_path / f"machine-{next(machines)}"
-        monkeypatch.setattr(schemas.recipe, "OUTPUT_MIRRORS", folder)
-        monkeypatch.setattr(storage, "_in_sync", {})  # the process memo of that machine
-        return folder
-
-    fresh()
-    return fresh
+    return fresh_machines(tmp_path, monkeypatch)
 
 
 def url_recipe(prefix: str, bucket: str = BUCKET) -> Recipe:
