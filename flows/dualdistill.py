@@ -127,7 +127,7 @@ async def _process_shard(
         progress.shard_done(f"answer[{role}]", shard, len(problems))
     graded = await grade(grade_key, quote(grader), quote(trajectories), quote(problems), recipe.system_prompt)
     composites, rejected = stitch(stitch_key, quote(recipe), quote(problems), quote(graded))
-    progress.shard_done("grade", shard, len(graded))
+    progress.shard_done("grade", shard, len(graded), worked=True)
     await progress.publish()
     await asyncio.to_thread(push_state, recipe)  # a URL output_dir: this shard's answers reach other machines
     return graded, composites, rejected
@@ -207,7 +207,7 @@ async def _run_on_workers(
                     tick = progress.ticker(f"answer[{role}]", name)  # answered by this run: counts in the rate
                     for _ in shards[done.index]:
                         tick()
-                progress.shard_done("grade", name, len(result.graded))
+                progress.shard_done("grade", name, len(result.graded), worked=True)
                 sandbox = result.sandbox
                 await progress.publish()
                 await asyncio.to_thread(push_state, recipe)

@@ -101,7 +101,7 @@ async def _shard(recipe: Recipe, runtime: StudentRuntime, grader: Grader, progre
     needed = needed_teacher_parts(picks, by_sample)
     part_key = content_key(grade_key, "teacher-part", spec.teacher_part, needed, runtime.teacher_scope)
     parts = await teacher_part(part_key, quote(runtime), quote(grader), shard, needed, quote(problems))
-    progress.shard_done(f"grade + teacher part[r{round_number}]", shard, len(problems))
+    progress.shard_done(f"grade + teacher part[r{round_number}]", shard, len(problems), worked=True)
     await progress.publish()
     await asyncio.to_thread(push_state, recipe)  # a URL output_dir: this shard's answers reach other machines
     examples, rejected = build_examples(

@@ -134,6 +134,12 @@ def test_a_retried_shard_does_not_count_twice(tmp_path):
     progress.shard_done("numbers[trait]", "trait-00000", 3)
     progress.shard_done("numbers[trait]", "trait-00001", 3)  # a cached shard: no ticks
     assert progress.stages["numbers[trait]"].done == 6
+    assert progress.stages["numbers[trait]"].worked == 3  # the ticks (the retry's one and the first two)
+
+    progress.stage("grade", 4, "answers")  # a stage with no ticker: its shards count in its rate when done now
+    progress.shard_done("grade", "shard-00000", 2, worked=True)
+    progress.shard_done("grade", "shard-00001", 2)  # cached
+    assert progress.stages["grade"].worked == 2 and progress.stages["grade"].done == 4
 
 
 def test_journal_figures_by_role(tmp_path):

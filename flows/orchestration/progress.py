@@ -110,8 +110,13 @@ class RunProgress:
 
         return tick
 
-    def shard_done(self, stage: str, shard: str, units: int) -> None:
-        self.stages[stage].done_by_shard[shard] = units
+    def shard_done(self, stage: str, shard: str, units: int, worked: bool = False) -> None:
+        """`units` of `shard` are done. `worked`: for a stage with no ticker (grading), they were
+        done now, so they count in the stage's rate and ETA."""
+        current = self.stages[stage]
+        if worked:
+            current.worked += units - current.done_by_shard.get(shard, 0)
+        current.done_by_shard[shard] = units
         self.write()
 
     def finish(self, state: str) -> None:
