@@ -28,7 +28,6 @@ import asyncio
 import json
 import re
 import time
-from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -45,8 +44,9 @@ from flows.models.client import ClientStats
 from flows.teachers.runtime import Runtime, build_runtime, teacher_fingerprint
 from flows.orchestration.progress import RunProgress
 from flows.orchestration.runs import flow_run_name, push_to_hub_task
-from flows.orchestration.task_runners import finished, is_distributed, started, submit
-from flows.stages.remote_shard import ShardOutcome, mirror_id, run_shard
+from flows.orchestration.task_runners import Finished, for_workers, map_on_workers, workers
+from flows.orchestration.on_worker import add_stats, budget_stop, mirror_id
+from flows.stages.remote_shard import ShardOutcome, run_shard
 from flows.stages.shards import (
     ShardFailed,
     answer_shard,
@@ -171,59 +171,44 @@ async def _run_here(
 
 
 async def _run_on_workers(
-    recipe: Recipe, answer_scopes: dict[str, str], progress: RunProgress, shards: list[list[Problem]]
+    runner, recipe: Recipe, answer_scopes: dict[str, str], progress: RunProgress, shards: list[list[Problem]]
 ) -> tuple[list, dict[str, ClientStats], str, BudgetReached | None]:
     """One `shard_task` per shard on the recipe's Dask or Ray cluster; progress and request
     figures are counted as each shard returns (cached shards count no request)."""
-    if recipe.remote_output is None:  # workers may not share this process's working directory
-        recipe = recipe.model_copy(update={"output_dir": str(Path(recipe.output_dir).resolve())})
     stats = {role: ClientStats() for role in ("tool", "reasoning")}
     problems = sum(len(shard) for shard in shards)
     for role in ("tool", "reasoning"):
         progress.stage(f"answer[{role}]", problems, "answers", stats[role])
     progress.stage("grade", 2 * problems, "answers")
     on_worker = shard_task.with_options(retries=recipe.shard_retries, result_storage=result_storage(recipe))
-    outcomes: list = [None] * len(shards)
     sandbox = "unknown"
+
+    async def count(done: Finished) -> None:
+        nonlocal sandbox
+        if done.failed:
+            return
+        name, result = shard_name(done.index), done.value
+        for role in ("tool", "reasoning"):
+            progress.shard_done(f"answer[{role}]", name, len(shards[done.index]), worked=not done.cached)
+            if not done.cached:
+                add_stats(stats[role], result.stats[role])
+        progress.shard_done("grade", name, len(result.graded), worked=True)
+        sandbox = result.sandbox
+        await progress.publish()
+        await asyncio.to_thread(push_state, recipe)
+
+    shared = for_workers(recipe)
+    # not quote(...)d as above: Dask rebuilds tuples (a quote is one) as plain tuples;
+    # a shard's problems are walked in ~10 ms
+    calls = [{"key": content_key("shard", _stage_keys(recipe, answer_scopes, shard)[2]), "recipe": shared,
+              "index": i, "problems": shard, "flow_mirror": mirror_id(recipe)} for i, shard in enumerate(shards)]
     try:
-        async with started(recipe.execution) as runner:
-            # not quote(...)d as above: Dask rebuilds tuples (a quote is one) as plain tuples;
-            # a shard's problems are walked in ~10 ms
-            futures = [
-                submit(runner, on_worker, key=content_key("shard", _stage_keys(recipe, answer_scopes, shard)[2]),
-                       recipe=recipe, index=i, problems=shard, flow_mirror=mirror_id(recipe))
-                for i, shard in enumerate(shards)
-            ]
-            async for done in finished(futures):
-                outcomes[done.index] = done.value
-                if done.failed:
-                    continue
-                name, result = shard_name(done.index), done.value
-                for role in ("tool", "reasoning"):
-                    if done.cached:
-                        progress.shard_done(f"answer[{role}]", name, len(shards[done.index]))
-                        continue
-                    _add_stats(stats[role], result.stats[role])
-                    tick = progress.ticker(f"answer[{role}]", name)  # answered by this run: counts in the rate
-                    for _ in shards[done.index]:
-                        tick()
-                progress.shard_done("grade", name, len(result.graded), worked=True)
-                sandbox = result.sandbox
-                await progress.publish()
-                await asyncio.to_thread(push_state, recipe)
+        outcomes = await map_on_workers(runner, on_worker, calls, count)
     finally:
         await asyncio.to_thread(push_state, recipe)
-    failed = [e for o in outcomes if isinstance(o, BaseException)
-              for e in (o.exceptions if isinstance(o, BaseExceptionGroup) else [o])]
-    stopped = next((e for f in failed if isinstance(f, ShardFailed) for _, e in f.errors
-                    if isinstance(e, BudgetReached)), None)
+    stopped = budget_stop(outcomes)
     outcomes = [(o.graded, o.composites, o.rejected) if isinstance(o, ShardOutcome) else o for o in outcomes]
     return outcomes, stats, sandbox, stopped
-
-
-def _add_stats(total: ClientStats, shard: ClientStats) -> None:
-    for name, value in vars(shard).items():
-        setattr(total, name, getattr(total, name) + value)
 
 
 def _failure_message(failures: list[BaseException]) -> str:
@@ -254,8 +239,11 @@ async def dualdistill(recipe_path: str | None = None, recipe: dict | None = None
         for role in ("tool", "reasoning")
     }
     progress = RunProgress(recipe.state_dir, recipe.run_name, "dualdistill")
-    run_shards = _run_on_workers if is_distributed(recipe.execution) else _run_here
-    outcomes, stats, sandbox, stopped = await run_shards(recipe, answer_scopes, progress, shards)
+    async with workers(recipe.execution) as runner:  # None: this process's event loop
+        if runner is None:
+            outcomes, stats, sandbox, stopped = await _run_here(recipe, answer_scopes, progress, shards)
+        else:
+            outcomes, stats, sandbox, stopped = await _run_on_workers(runner, recipe, answer_scopes, progress, shards)
     failures = [o for o in outcomes if isinstance(o, BaseException)]
     await progress.publish(force=True)
     if failures:

@@ -11,7 +11,8 @@ Run: `distillery leakage recipes/leakage_demo.yaml` (exit code 3 on a leak with
      `fail_on_leak: true`).
 
 Stages: the same seeded prompts go to both teachers (journaled requests, so a rerun sends
-only what is missing) → filter → statistical detectors (number statistics, bag classifier,
+only what is missing; shards on a Dask or Ray cluster with `execution:`, see
+flows/orchestration/task_runners.py) → filter → statistical detectors (number statistics, bag classifier,
 likelihood shift where the teacher's weights are local) → optional behavioural probe →
 one verdict after a Holm correction → report.
 """
@@ -31,29 +32,38 @@ from flows.detection.behavioral import behavioral_result
 from flows.detection.detectors import bag_classifier, combine, number_statistics, top_digits, top_numbers
 from flows.detection.likelihood import likelihood_test
 from flows.detection.probe import run_probe
-from flows.inputs.number_prompts import NumberPrompt, draw_prompts, few_shot_turns, trait_system_prompt
-from flows.models.budget import run_budget
-from flows.models.client import ModelClient
+from flows.inputs.number_prompts import NumberPrompt, draw_prompts
+from flows.models.budget import BudgetReached
+from flows.models.client import ClientStats, ModelClient
 from flows.models.embedded import EmbeddedServer
 from flows.models.journal import RequestJournal
+from flows.orchestration.on_worker import add_stats, budget_stop, mirror_id
 from flows.orchestration.progress import RunProgress
 from flows.orchestration.runs import flow_run_name, push_to_hub_task
+from flows.orchestration.task_runners import Finished, for_workers, map_on_workers, workers
 from flows.publishing.leakage_outputs import publish_completions
 from flows.publishing.leakage_report import build_report, report_markdown, verdict_line, write_report
 from flows.publishing.storage import check_output, output_location, pull_state, push_outputs, push_state, result_storage
 from flows.stages.number_filter import REASONS, banned_numbers, filter_completions, pass_rates
-from flows.stages.number_generation import TEACHERS, GenerationFailed, complete_prompts
+from flows.stages.number_generation import GenerationFailed
+from flows.stages.remote_shard import NumbersOutcome, run_numbers_shard
 from flows.stages.shards import content_key, key_parameter, scoped_run_token
-from flows.teachers.runtime import journal_dir, model_client, model_name, sampling_params
+from flows.teachers.number_teachers import NumberTeacher, leakage_budget, number_teachers
+from flows.teachers.runtime import journal_dir
 from schemas.recipe import Recipe, flow_recipe
 
 
 @task(name="number-completions", cache_key_fn=key_parameter, persist_result=True, retry_delay_seconds=5)
-async def completions_task(key: str, client: ModelClient, prompts: list[NumberPrompt], teacher: str,
-                           system: str | None, params: dict, shard: str, few_shot: list[dict],
-                           progress: RunProgress) -> list[dict]:
-    return await complete_prompts(client, prompts, teacher=teacher, system=system, params=params, shard=shard,
-                                  few_shot=few_shot, on_done=progress.ticker(f"numbers[{teacher}]", shard))
+async def completions_task(key: str, teacher: NumberTeacher, client: ModelClient, prompts: list[NumberPrompt],
+                           shard: str, progress: RunProgress) -> list[dict]:
+    return await teacher.complete(client, prompts, shard, on_done=progress.ticker(f"numbers[{teacher.name}]", shard))
+
+
+@task(name="number-shard", cache_key_fn=key_parameter, persist_result=True, retry_delay_seconds=5)
+async def numbers_shard_task(key: str, recipe: Recipe, teacher: str, prompts: list[NumberPrompt], shard: str,
+                             flow_mirror: str) -> NumbersOutcome:
+    """A shard of one teacher's completions on a Dask or Ray worker, with a client of its own."""
+    return await run_numbers_shard(recipe, teacher, prompts, shard, flow_mirror)
 
 
 @task(name="behavioral-probe", cache_policy=NO_CACHE)  # the probe keeps its own students and journal
@@ -61,37 +71,21 @@ async def probe_task(recipe: Recipe, kept: pl.DataFrame, journal: RequestJournal
     return await run_probe(recipe, kept, journal, log=get_run_logger().info)
 
 
-async def _generate(recipe: Recipe, journal: RequestJournal, servers: list[EmbeddedServer],
+def _shards(recipe: Recipe, prompts: list[NumberPrompt]) -> list[tuple[str, list[NumberPrompt]]]:
+    """Per teacher, the prompts in shards of `shard_size`: (shard name without the teacher, prompts)."""
+    size = recipe.shard_size
+    return [(f"{start // size:05d}", prompts[start : start + size]) for start in range(0, len(prompts), size)]
+
+
+async def _generate(recipe: Recipe, runner, journal: RequestJournal, servers: list[EmbeddedServer],
                     prompts: list[NumberPrompt], run_token: str, progress: RunProgress) -> pl.DataFrame:
-    """Every prompt to both teachers: all shards at once (each client bounds its requests in
-    flight); a shard that fails leaves the others running, and the error lists every prompt
-    that got no completion."""
-    spec = recipe.leakage
-    shard_task = completions_task.with_options(retries=recipe.shard_retries, result_storage=result_storage(recipe))
-    few_shot = few_shot_turns(spec.few_shot)
-    clients, shards = [], []
-    budget = run_budget(recipe.budget, journal_dir(recipe), zip(TEACHERS, (spec.trait_teacher, spec.control)))
-    for teacher, role in zip(TEACHERS, (spec.trait_teacher, spec.control), strict=True):
-        client = model_client(role, journal, servers, budget)
-        clients.append(client)
-        progress.stage(f"numbers[{teacher}]", len(prompts), "completions", client.stats)
-        system = trait_system_prompt(spec.trait, spec.category) if role.trait_prompt else None
-        params = sampling_params(role)
-        for start in range(0, len(prompts), recipe.shard_size):
-            shard = prompts[start : start + recipe.shard_size]
-            name = f"{teacher}-{start // recipe.shard_size:05d}"
-            key = content_key(run_token, "numbers", model_name(role), system, params, few_shot, [p.text for p in shard])
-            shards.append(_tracked(shard_task(key, quote(client), quote(shard), teacher, system, params, name,
-                                              few_shot, quote(progress)), progress, teacher, name, len(shard)))
-    try:
-        results = await asyncio.gather(*shards, return_exceptions=True)
-    finally:
-        for client in clients:
-            await client.aclose()
-        await progress.publish(force=True)
-        await asyncio.to_thread(push_state, recipe)  # a URL output_dir: the completions reach other machines
-    if budget is not None and budget.stopped:
-        raise budget.stop()
+    """Every prompt to both teachers: all shards at once, here (each client bounds its
+    requests in flight) or on the recipe's cluster; a shard that fails leaves the others
+    running, and the error lists every prompt that got no completion."""
+    if runner is None:
+        results = await _generate_here(recipe, journal, servers, prompts, run_token, progress)
+    else:
+        results = await _generate_on_workers(runner, recipe, prompts, run_token, progress)
     for result in results:
         if isinstance(result, BaseException) and not isinstance(result, GenerationFailed):
             raise result
@@ -99,6 +93,67 @@ async def _generate(recipe: Recipe, journal: RequestJournal, servers: list[Embed
     if failed:
         raise GenerationFailed(failed, 2 * len(prompts))
     return pl.DataFrame([row for result in results for row in result])
+
+
+async def _generate_here(recipe: Recipe, journal: RequestJournal, servers: list[EmbeddedServer],
+                         prompts: list[NumberPrompt], run_token: str, progress: RunProgress) -> list:
+    shard_task = completions_task.with_options(retries=recipe.shard_retries, result_storage=result_storage(recipe))
+    budget = leakage_budget(recipe)
+    clients, runs = [], []
+    for teacher in number_teachers(recipe):
+        client = teacher.client(journal, servers, budget)
+        clients.append(client)
+        progress.stage(f"numbers[{teacher.name}]", len(prompts), "completions", client.stats)
+        for number, shard in _shards(recipe, prompts):
+            name = f"{teacher.name}-{number}"
+            run = shard_task(teacher.shard_key(run_token, shard), teacher, quote(client), quote(shard), name,
+                             quote(progress))
+            runs.append(_tracked(run, progress, teacher.name, name, len(shard)))
+    try:
+        results = await asyncio.gather(*runs, return_exceptions=True)
+    finally:
+        for client in clients:
+            await client.aclose()
+        await progress.publish(force=True)
+        await asyncio.to_thread(push_state, recipe)  # a URL output_dir: the completions reach other machines
+    if budget is not None and budget.stopped:
+        raise budget.stop()
+    return results
+
+
+async def _generate_on_workers(runner, recipe: Recipe, prompts: list[NumberPrompt], run_token: str,
+                               progress: RunProgress) -> list:
+    """One `numbers_shard_task` per teacher and shard on the recipe's Dask or Ray cluster;
+    figures are counted as each shard returns (cached shards count no request)."""
+    on_worker = numbers_shard_task.with_options(retries=recipe.shard_retries, result_storage=result_storage(recipe))
+    calls, names, stats = [], [], {}
+    for teacher in number_teachers(recipe):
+        stats[teacher.name] = ClientStats()
+        progress.stage(f"numbers[{teacher.name}]", len(prompts), "completions", stats[teacher.name])
+        for number, shard in _shards(recipe, prompts):
+            names.append((teacher.name, f"{teacher.name}-{number}", len(shard)))
+            calls.append({"key": content_key("numbers-shard", teacher.shard_key(run_token, shard)),
+                          "recipe": for_workers(recipe), "teacher": teacher.name, "prompts": shard,
+                          "shard": names[-1][1], "flow_mirror": mirror_id(recipe)})
+
+    async def count(done: Finished) -> None:
+        if done.failed:
+            return
+        teacher, name, size = names[done.index]
+        progress.shard_done(f"numbers[{teacher}]", name, size, worked=not done.cached)
+        if not done.cached:
+            add_stats(stats[teacher], done.value.stats)
+        await progress.publish()
+        await asyncio.to_thread(push_state, recipe)
+
+    try:
+        outcomes = await map_on_workers(runner, on_worker, calls, count)
+    finally:
+        await progress.publish(force=True)
+        await asyncio.to_thread(push_state, recipe)
+    if (stopped := budget_stop(outcomes)) is not None:
+        raise stopped
+    return [o.rows if isinstance(o, NumbersOutcome) else o for o in outcomes]
 
 
 async def _tracked(shard_run, progress: RunProgress, teacher: str, shard: str, prompts: int) -> list[dict]:
@@ -128,7 +183,9 @@ async def leakage(recipe_path: str | None = None, recipe: dict | None = None) ->
     servers: list[EmbeddedServer] = []
     progress = RunProgress(recipe.state_dir, recipe.run_name, "leakage")
     try:
-        frame = await _generate(recipe, journal, servers, prompts, scoped_run_token(recipe.state_dir), progress)
+        async with workers(recipe.execution) as runner:  # None: this process's event loop
+            frame = await _generate(recipe, runner, journal, servers, prompts, scoped_run_token(recipe.state_dir),
+                                    progress)
         for server in servers:
             server.stop()
         filtered = filter_completions(frame, max_count=spec.filter.max_count, max_value=spec.filter.max_value,
@@ -148,6 +205,9 @@ async def leakage(recipe_path: str | None = None, recipe: dict | None = None) ->
             trait_answers, control_answers = await probe_task(quote(recipe), quote(kept), quote(journal))
             behavioral = behavioral_result(trait_answers, control_answers, spec.trait)
             tests.append(behavioral.comparison)
+    except BudgetReached:
+        progress.finish("stopped by its budget")
+        raise
     except BaseException:
         progress.finish("failed")
         raise

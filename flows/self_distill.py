@@ -14,6 +14,10 @@ Per round, per shard: sample K per problem (the tool-using loop) → grade → s
 rules) → teacher part (generate or reuse) → examples; then publish, summarise, train.
 Every request is journaled and stages are cached by content, so a rerun sends only what
 is missing; a finished round (its datasets and its trained student) is not redone.
+
+With `execution: {task_runner: dask | ray}` each shard of a round runs whole on a worker
+(flows/stages/remote_shard.py: its own student, teachers and sandbox), cached by content;
+training stays in the flow's process, between rounds.
 """
 
 from __future__ import annotations
@@ -31,14 +35,18 @@ from prefect.utilities.annotations import quote
 
 from flows.grading import GRADER_VERSION, Grader
 from flows.inputs.problems import load_problems
-from flows.inputs.prompts import load_prompt
+from flows.models.budget import BudgetReached
+from flows.models.client import ClientStats
 from flows.publishing.rounds import RoundSummary, plot_accuracy, summarise_round, summary_markdown
 from flows.publishing.self_distill_outputs import publish_round
 from flows.publishing.storage import check_output, output_location, pull_state, push_outputs, push_state, result_storage
-from flows.stages.selection import problem_stats, round_stats, select
-from flows.stages.self_distillation import build_examples, needed_teacher_parts, reuse_index, samples_frame
+from flows.stages.remote_shard import RoundShardOutcome, run_round_shard
+from flows.stages.selection import round_stats
+from flows.stages.self_distillation import examples_of, pick_samples, reuse_index
+from flows.orchestration.on_worker import add_stats, budget_stop, mirror_id
 from flows.orchestration.progress import RunProgress
 from flows.orchestration.runs import flow_run_name, push_to_hub_task
+from flows.orchestration.task_runners import Finished, for_workers, map_on_workers, workers
 from flows.stages.shards import answer_shard, content_key, grade_shard, key_parameter, scoped_run_token, shard_name, split_shards
 from flows.teachers.students import (
     StudentRuntime,
@@ -80,63 +88,137 @@ def train_task(recipe: Recipe, round_number: int, dataset: str, student: str) ->
     return trainer.train(dataset=Path(dataset), round=round_number, student=student, output=output, log=logger.info)
 
 
+@task(name="round-shard", cache_key_fn=key_parameter, persist_result=True, retry_delay_seconds=5)
+async def round_shard_task(key: str, recipe: Recipe, student: StudentSpec, reused, round_number: int, index: int,
+                           problems: list[Problem], flow_mirror: str) -> RoundShardOutcome:
+    """A whole shard of a round on a Dask or Ray worker: its own student and teachers."""
+    return await run_round_shard(recipe, student, reused, round_number, index, problems, flow_mirror)
+
+
+def _shard_keys(recipe: Recipe, scope: str, teacher_scope_: str, problems: list[Problem]) -> tuple[str, str]:
+    """Content keys of a shard's sample and grade stages (the teacher part's adds what it needs)."""
+    sample_key = content_key(scope, "sample", content_key(*problems))
+    return sample_key, content_key(sample_key, "grade", GRADER_VERSION, recipe.system_prompt)
+
+
 async def _shard(recipe: Recipe, runtime: StudentRuntime, grader: Grader, progress: RunProgress, scope: str,
-                 index: int, problems: list[Problem], round_number: int):
+                 index: int, problems: list[Problem], round_number: int) -> RoundShardOutcome:
     spec = recipe.self_distill
     shard = f"r{round_number}-{shard_name(index)}"
     storage = result_storage(recipe)  # None: Prefect's default; for a URL output_dir, beside the journal
     sample, grade, teacher_part = (stage.with_options(result_storage=storage)
                                    for stage in (sample_task, grade_task, teacher_part_task))
-    sample_key = content_key(scope, "sample", content_key(*problems))
+    sample_key, grade_key = _shard_keys(recipe, scope, runtime.teacher_scope, problems)
     samples = await sample(sample_key, quote(runtime), shard, quote(problems), spec.k, quote(progress),
                            f"sample[r{round_number}]")
     progress.shard_done(f"sample[r{round_number}]", shard, len(samples))
-    grade_key = content_key(sample_key, "grade", GRADER_VERSION, recipe.system_prompt)
     graded: list[GradedTrajectory] = await grade(grade_key, quote(grader), quote(samples), quote(problems),
                                                  recipe.system_prompt)
-    frame = samples_frame(graded)
-    stats = problem_stats(frame)
-    picks = select(frame, beta1=spec.beta1, beta2=spec.beta2, rule=spec.rule, pick=spec.pick, seed=spec.seed)
-    by_sample = {(g.problem_id, g.sample): g for g in graded}
-    needed = needed_teacher_parts(picks, by_sample)
-    part_key = content_key(grade_key, "teacher-part", spec.teacher_part, needed, runtime.teacher_scope)
-    parts = await teacher_part(part_key, quote(runtime), quote(grader), shard, needed, quote(problems))
+    picked = pick_samples(graded, spec)
+    part_key = content_key(grade_key, "teacher-part", spec.teacher_part, picked.needed, runtime.teacher_scope)
+    parts = await teacher_part(part_key, quote(runtime), quote(grader), shard, picked.needed, quote(problems))
     progress.shard_done(f"grade + teacher part[r{round_number}]", shard, len(problems), worked=True)
     await progress.publish()
     await asyncio.to_thread(push_state, recipe)  # a URL output_dir: this shard's answers reach other machines
-    examples, rejected = build_examples(
-        picks, by_sample, parts, {p.id: p for p in problems}, load_prompt(spec.transitions),
-        round_number=round_number, pick=spec.pick, system_prompt=recipe.system_prompt,
-    )
-    return graded, stats, examples, rejected
+    examples, rejected = examples_of(picked, parts, problems, spec, round_number, recipe.system_prompt)
+    return RoundShardOutcome(graded, picked.stats, examples, rejected, runtime.student.client.stats)
 
 
-async def _round(recipe: Recipe, runtime: StudentRuntime, grader: Grader, progress: RunProgress,
+async def _shards_here(recipe: Recipe, student: StudentSpec, reused, grader: Grader, progress: RunProgress,
+                       scope: str, shards: list[list[Problem]], round_number: int) -> tuple[list, ClientStats]:
+    """Every shard of the round in this process's event loop, over one student runtime."""
+    runtime = build_student_runtime(recipe, student, reused)
+    progress.stage(f"sample[r{round_number}]", _samples(recipe, shards), "samples", runtime.student.client.stats)
+    progress.stage(f"grade + teacher part[r{round_number}]", _problems(shards), "problems")
+    try:
+        outcomes = await asyncio.gather(
+            *(_shard(recipe, runtime, grader, progress, scope, i, shard, round_number)
+              for i, shard in enumerate(shards)),
+            return_exceptions=True,
+        )
+    finally:
+        await runtime.aclose()
+    if runtime.budget is not None and runtime.budget.stopped:
+        raise runtime.budget.stop()
+    return outcomes, runtime.student.client.stats
+
+
+async def _shards_on_workers(runner, recipe: Recipe, student: StudentSpec, reused, progress: RunProgress,
+                             scope: str, shards: list[list[Problem]], round_number: int) -> tuple[list, ClientStats]:
+    """One `round_shard_task` per shard on the recipe's Dask or Ray cluster, each with the
+    reused teacher parts of its own problems only."""
+    stats = ClientStats()
+    sampled, finished_stage = f"sample[r{round_number}]", f"grade + teacher part[r{round_number}]"
+    progress.stage(sampled, _samples(recipe, shards), "samples", stats)
+    progress.stage(finished_stage, _problems(shards), "problems")
+    on_worker = round_shard_task.with_options(retries=recipe.shard_retries, result_storage=result_storage(recipe))
+    teachers = teacher_scope(recipe, reused)
+
+    async def count(done: Finished) -> None:
+        if done.failed:
+            return
+        name, problems = f"r{round_number}-{shard_name(done.index)}", shards[done.index]
+        progress.shard_done(sampled, name, len(done.value.graded), worked=not done.cached)
+        progress.shard_done(finished_stage, name, len(problems), worked=not done.cached)
+        if not done.cached:
+            add_stats(stats, done.value.sampled)
+        await progress.publish()
+        await asyncio.to_thread(push_state, recipe)
+
+    calls = []
+    for i, problems in enumerate(shards):
+        ids = {p.id for p in problems}
+        own = None if reused is None else {key: part for key, part in reused.items() if key[0] in ids}
+        _, grade_key = _shard_keys(recipe, scope, teachers, problems)
+        calls.append({"key": content_key("round-shard", grade_key, recipe.self_distill, teachers),
+                      "recipe": for_workers(recipe), "student": _reachable(student), "reused": own,
+                      "round_number": round_number, "index": i, "problems": problems, "flow_mirror": mirror_id(recipe)})
+    try:
+        outcomes = await map_on_workers(runner, on_worker, calls, count)
+    finally:
+        await asyncio.to_thread(push_state, recipe)
+    if (stopped := budget_stop(outcomes)) is not None:
+        raise stopped
+    return outcomes, stats
+
+
+def _reachable(student: StudentSpec) -> StudentSpec:
+    """A student whose model is a local folder (a trained round's checkpoint), by its
+    absolute path: a worker's working directory may not be the flow's."""
+    if Path(str(student.model)).exists():
+        return student.model_copy(update={"model": str(Path(str(student.model)).resolve())})
+    return student
+
+
+def _samples(recipe: Recipe, shards: list[list[Problem]]) -> int:
+    return _problems(shards) * recipe.self_distill.k
+
+
+def _problems(shards: list[list[Problem]]) -> int:
+    return sum(len(shard) for shard in shards)
+
+
+async def _round(recipe: Recipe, runner, student: StudentSpec, reused, grader: Grader, progress: RunProgress,
                  shards: list[list[Problem]], round_number: int, run_token: str) -> RoundSummary:
     started = time.perf_counter()
-    problems = sum(len(shard) for shard in shards)
-    progress.stage(f"sample[r{round_number}]", problems * recipe.self_distill.k, "samples",
-                   runtime.student.client.stats)
-    progress.stage(f"grade + teacher part[r{round_number}]", problems, "problems")
-    scope = content_key("self-distill", STAGE_VERSION, run_token, round_number, runtime.student_scope,
+    scope = content_key("self-distill", STAGE_VERSION, run_token, round_number, student_scope(recipe, student),
                         recipe.self_distill.k)
-    outcomes = await asyncio.gather(
-        *(_shard(recipe, runtime, grader, progress, scope, i, shard, round_number)
-          for i, shard in enumerate(shards)),
-        return_exceptions=True,
-    )
+    if runner is None:
+        outcomes, stats = await _shards_here(recipe, student, reused, grader, progress, scope, shards, round_number)
+    else:
+        outcomes, stats = await _shards_on_workers(runner, recipe, student, reused, progress, scope, shards,
+                                                   round_number)
     failures = [o for o in outcomes if isinstance(o, BaseException)]
     await progress.publish(force=True)
     if failures:
-        if runtime.budget is not None and runtime.budget.stopped:
-            raise runtime.budget.stop()
         raise RuntimeError(f"round {round_number}: {len(failures)} shard(s) failed; answers so far are journaled, "
                            f"rerun to resume. First: {type(failures[0]).__name__}: {failures[0]}")
-    graded = [g for gs, _, _, _ in outcomes for g in gs]
-    examples: list[SelfDistillExample] = [e for _, _, es, _ in outcomes for e in es]
-    rejected: list[SelfDistillRejected] = [r for _, _, _, rs in outcomes for r in rs]
-    summary = summarise_round(round_number, runtime.student.client.model, round_stats(pl.concat(
-        [s for _, s, _, _ in outcomes])), graded, examples, rejected, sent=runtime.student.client.stats.sent)
+    graded = [g for outcome in outcomes for g in outcome.graded]
+    examples: list[SelfDistillExample] = [e for outcome in outcomes for e in outcome.examples]
+    rejected: list[SelfDistillRejected] = [r for outcome in outcomes for r in outcome.rejected]
+    summary = summarise_round(round_number, student_name(student),
+                              round_stats(pl.concat([outcome.stats for outcome in outcomes])),
+                              graded, examples, rejected, sent=stats.sent)
     summary.datasets = publish_round(recipe, summary, examples, graded, rejected)
     summary.wall_s = round(time.perf_counter() - started, 2)
     return summary
@@ -173,30 +255,31 @@ async def self_distill(recipe_path: str | None = None, recipe: dict | None = Non
     grader = Grader(workers=1)
     progress = RunProgress(recipe.state_dir, recipe.run_name, "self_distill")
     try:
-        for round_number in range(1, spec.rounds + 1):
-            done = state / f"round-{round_number}.json"
-            # what a round's datasets and trained student depend on: not how many rounds follow, nor URLs
-            fingerprint = content_key(run_token, spec.model_dump(exclude={"rounds"}), student_scope(recipe, student),
-                                      teacher_scope(recipe, reused), recipe.problems, recipe.system_prompt)
-            if done.exists() and json.loads(done.read_text()).get("fingerprint") == fingerprint:
-                summary = RoundSummary(**json.loads(done.read_text())["summary"])
-                logger.info("round %d finished earlier; skipped", round_number)
-            else:
-                runtime = build_student_runtime(recipe, student, reused)
-                try:
-                    summary = await _round(recipe, runtime, grader, progress, shards, round_number, run_token)
-                finally:
-                    await runtime.aclose()
-                if spec.trainer.kind != "none":
-                    summary.next_student = train_task(quote(recipe), round_number, summary.datasets["examples"],
-                                                      student_name(student))
-                done.write_text(json.dumps({"fingerprint": fingerprint, "summary": summary.to_dict()}, indent=2))
-                await asyncio.to_thread(push_outputs, recipe)  # a URL output_dir: the round's datasets, with its marker
-            if warning := summary.duplicate_warning:
-                logger.warning("round %d: %s", round_number, warning)
-            rounds.append(summary)
-            if summary.next_student:
-                student = trained_student(student, summary.next_student)
+        async with workers(recipe.execution) as runner:  # None: this process's event loop
+            for round_number in range(1, spec.rounds + 1):
+                done = state / f"round-{round_number}.json"
+                # what a round's datasets and trained student depend on: not how many rounds follow, nor URLs
+                fingerprint = content_key(run_token, spec.model_dump(exclude={"rounds"}), student_scope(recipe, student),
+                                          teacher_scope(recipe, reused), recipe.problems, recipe.system_prompt)
+                if done.exists() and json.loads(done.read_text()).get("fingerprint") == fingerprint:
+                    summary = RoundSummary(**json.loads(done.read_text())["summary"])
+                    logger.info("round %d finished earlier; skipped", round_number)
+                else:
+                    summary = await _round(recipe, runner, student, reused, grader, progress, shards, round_number,
+                                           run_token)
+                    if spec.trainer.kind != "none":
+                        summary.next_student = train_task(quote(recipe), round_number, summary.datasets["examples"],
+                                                          student_name(student))
+                    done.write_text(json.dumps({"fingerprint": fingerprint, "summary": summary.to_dict()}, indent=2))
+                    await asyncio.to_thread(push_outputs, recipe)  # a URL output_dir: the round's datasets, with its marker
+                if warning := summary.duplicate_warning:
+                    logger.warning("round %d: %s", round_number, warning)
+                rounds.append(summary)
+                if summary.next_student:
+                    student = trained_student(student, summary.next_student)
+    except BudgetReached:
+        progress.finish("stopped by its budget")
+        raise
     except BaseException:
         progress.finish("failed")
         raise

@@ -16,7 +16,8 @@ from flow_helpers import ScriptedTeachers, write_problems, write_recipe
 from flows.models.budget import BudgetReached
 from flows.models.client import ModelRequestError
 from flows.orchestration.task_runners import TaskRunnerUnavailable, build_task_runner
-from flows.stages.remote_shard import WorkerError, portable, run_shard
+from flows.orchestration.on_worker import WorkerError, portable
+from flows.stages.remote_shard import run_shard
 from flows.stages.shards import ShardFailed
 from schemas.recipe import ExecutionSpec, load_recipe
 
@@ -281,3 +282,108 @@ def test_dask_workers_with_their_own_mirrors_resume_a_url_run_from_its_journal(s
                                  execution=execution))
     assert dead.requests == [] and again["cases"] == CASES
     assert again["teachers"]["tool"]["replayed_requests"] == 24
+
+
+# -- the other two jobs on a cluster -----------------------------------------------------------
+
+
+def with_execution(recipe_path, execution, **fields):
+    """The recipe at `recipe_path` with `execution:` (and other top-level fields) set."""
+    import yaml
+
+    recipe = yaml.safe_load(recipe_path.read_text())
+    recipe.update(execution=execution, **fields)
+    recipe_path.write_text(yaml.safe_dump(recipe))
+    return recipe_path
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_self_distillation_on_dask_gives_the_threads_output_and_cached_shards_send_nothing(tmp_path, dask_scheduler):
+    from test_self_distill import ScriptedStudent, load, write_problems as write_sd_problems
+    from test_self_distill import run as run_self_distill, write_recipe as write_sd_recipe
+
+    rows = write_sd_problems(tmp_path / "problems.jsonl")  # 5 problems in shards of 3: 2 shards
+    outputs = {}
+    for name, execution in (("threads", {"task_runner": "threads"}),
+                            ("dask", {"task_runner": "dask", "address": dask_scheduler})):
+        with FakeOpenAIServer(ScriptedStudent(rows, wrong_reasoning={"p3"})) as server:
+            recipe = with_execution(write_sd_recipe(tmp_path / f"{name}.yaml", tmp_path / "problems.jsonl",
+                                                    server.base_url, tmp_path / name), execution)
+            outputs[name] = run_self_distill(recipe)
+            outputs[name + " requests"] = len(server.requests)
+    assert outputs["dask requests"] == outputs["threads requests"] > 20
+    ours, theirs = outputs["dask"]["rounds"][0], outputs["threads"]["rounds"][0]
+    for figure in ("problems", "samples", "pass_at_k", "mean_score", "examples", "rejected", "sent"):
+        assert ours[figure] == theirs[figure], figure
+    for folder, order in (("round-1", ("id", "kind")), ("round-1-samples", ("problem_id", "sample")),
+                          ("round-1-rejected", ("id", "kind"))):
+        mine = sorted(load(tmp_path / "dask" / "self_distill" / folder).to_list(), key=lambda r: [r[k] for k in order])
+        reference = sorted(load(tmp_path / "threads" / "self_distill" / folder).to_list(),
+                           key=lambda r: [r[k] for k in order])
+        assert comparable(mine) == comparable(reference), folder
+
+    (tmp_path / "dask" / ".distillery" / "self_distill" / "round-1.json").unlink()  # the round, redone from its shards
+    with FakeOpenAIServer(lambda body: Reply(status=500)) as dead:
+        again = run_self_distill(with_execution(write_sd_recipe(
+            tmp_path / "dask.yaml", tmp_path / "problems.jsonl", dead.base_url, tmp_path / "dask"),
+            {"task_runner": "dask", "address": dask_scheduler}))
+    assert dead.requests == [] and again["rounds"][0]["examples"] == ours["examples"]
+    progress = json.loads((tmp_path / "dask" / ".distillery" / "progress.json").read_text())
+    assert {s["name"]: (s["done"], s["total"]) for s in progress["stages"]} == {
+        "sample[r1]": (20, 20), "grade + teacher part[r1]": (5, 5)}
+
+
+def _leakage_rows(folder):
+    rows = datasets.load_dataset(str(folder), split="train").to_list()
+    return sorted(comparable(rows), key=lambda r: (r["teacher"], r["prompt_index"]))
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_leakage_on_a_local_ray_runtime_gives_the_threads_output_and_a_rerun_sends_nothing(tmp_path):
+    needs("prefect_ray")
+    from test_leakage_flow import NumberTeacher, write_recipe as write_leakage_recipe
+
+    from flows.leakage import leakage
+
+    reports = {}
+    for name, execution in (("threads", {"task_runner": "threads"}), ("ray", {"task_runner": "ray", "workers": 2})):
+        with FakeOpenAIServer(NumberTeacher(biased=True)) as server:
+            recipe = with_execution(write_leakage_recipe(tmp_path / f"{name}.yaml", server.base_url, tmp_path / name),
+                                    execution)
+            reports[name] = asyncio.run(leakage(str(recipe)))
+        assert len(server.requests) == 800, name  # 400 prompts × 2 teachers, shards of 150: 6 shards
+    for figure in ("leak_detected", "p_value", "kept_trait", "kept_control", "top_digits"):
+        assert reports["ray"][figure] == reports["threads"][figure], figure
+    for folder in ("numbers", "filtered", "rejected"):
+        assert _leakage_rows(tmp_path / "ray" / "leakage" / folder) == \
+            _leakage_rows(tmp_path / "threads" / "leakage" / folder), folder
+
+    with FakeOpenAIServer(lambda body: Reply(status=500)) as dead:
+        again = asyncio.run(leakage(str(with_execution(
+            write_leakage_recipe(tmp_path / "ray.yaml", dead.base_url, tmp_path / "ray"),
+            {"task_runner": "ray", "workers": 2}))))
+    assert dead.requests == [] and again["p_value"] == reports["ray"]["p_value"]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_leakage_budget_reached_on_workers_stops_and_a_larger_one_continues(tmp_path, dask_scheduler):
+    from test_leakage_flow import NumberTeacher, write_recipe as write_leakage_recipe
+
+    from flows.leakage import leakage
+
+    execution = {"task_runner": "dask", "address": dask_scheduler}
+    with FakeOpenAIServer(NumberTeacher(biased=True)) as server:
+        recipe = write_leakage_recipe(tmp_path / "r.yaml", server.base_url, tmp_path / "out")
+        with pytest.raises(BudgetReached, match=r"budget\.requests"):
+            asyncio.run(leakage(str(with_execution(recipe, execution, budget={"requests": 100}))))
+        stopped_at = len(server.requests)
+        progress = json.loads((tmp_path / "out" / ".distillery" / "progress.json").read_text())
+        report = asyncio.run(leakage(str(with_execution(recipe, execution, budget={"requests": 1000}))))
+    assert progress["state"] == "stopped by its budget"
+    assert 100 <= stopped_at <= 2 * 100  # two shards at once, each counting the journal as it found it
+    assert len(server.requests) == 800  # the rerun sent only what the first run had not
+    assert len({json.dumps(r["messages"]) for r in server.requests}) == 800  # none sent twice
+    assert report["kept_trait"] > 0

@@ -139,24 +139,19 @@ async def _pilot_self_distill(recipe: Recipe, problems) -> dict[str, PerAnswer |
 
 
 async def _pilot_leakage(recipe: Recipe, prompts) -> dict[str, PerAnswer | None]:
-    from flows.inputs.number_prompts import few_shot_turns, trait_system_prompt
     from flows.models.journal import RequestJournal
-    from flows.stages.number_generation import TEACHERS, complete_prompts
-    from flows.teachers.runtime import journal_dir, model_client, sampling_params
+    from flows.teachers.number_teachers import number_teachers
+    from flows.teachers.runtime import journal_dir
 
-    spec = recipe.leakage
     journal, servers, measured = RequestJournal(journal_dir(recipe)), [], {}
     try:
-        for teacher, role in zip(TEACHERS, (spec.trait_teacher, spec.control), strict=True):
-            client: ModelClient = model_client(role, journal, servers)
-            system = trait_system_prompt(spec.trait, spec.category) if role.trait_prompt else None
+        for teacher in number_teachers(recipe):
+            client: ModelClient = teacher.client(journal, servers)
             try:
-                rows = await complete_prompts(client, prompts, teacher=teacher, system=system,
-                                              params=sampling_params(role), shard=f"{teacher}-pilot",
-                                              few_shot=few_shot_turns(spec.few_shot))
+                rows = await teacher.complete(client, prompts, f"{teacher.name}-pilot")
             finally:
                 await client.aclose()
-            measured[teacher] = _per_answer(rows, client.stats, len(rows))
+            measured[teacher.name] = _per_answer(rows, client.stats, len(rows))
     finally:
         for server in servers:
             server.stop()

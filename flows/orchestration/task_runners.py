@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import TaskRunner
 from prefect.tasks import Task
 
-from schemas.recipe import ExecutionSpec
+from schemas.recipe import ExecutionSpec, Recipe
 
 INSTALL_HINTS = {"dask": "pip install 'distillery[dask]' (prefect-dask)",
                  "ray": "pip install 'distillery[ray]' (prefect-ray)"}
@@ -85,6 +86,39 @@ async def started(spec: ExecutionSpec) -> AsyncIterator[TaskRunner]:
             yield runner
         finally:
             await asyncio.to_thread(runner.__exit__, None, None, None)
+
+
+@contextlib.asynccontextmanager
+async def workers(spec: ExecutionSpec) -> AsyncIterator[TaskRunner | None]:
+    """The started runner of a distributed `execution:`, or None for `threads` (the flow's
+    own event loop runs the shards); one cluster serves every stage and round of a run."""
+    if not is_distributed(spec):
+        yield None
+        return
+    async with started(spec) as runner:
+        yield runner
+
+
+def for_workers(recipe: Recipe) -> Recipe:
+    """The recipe as workers get it: a local `output_dir` made absolute (a worker's working
+    directory may not be the flow's)."""
+    if recipe.remote_output is not None:
+        return recipe
+    return recipe.model_copy(update={"output_dir": str(Path(recipe.output_dir).resolve())})
+
+
+async def map_on_workers(
+    runner: TaskRunner, task: Task, calls: Sequence[dict[str, Any]],
+    on_finished: Callable[[Finished], Awaitable[None]],
+) -> list[Any]:
+    """`task(**call)` for each call on the cluster; `on_finished` sees each as it ends (in the
+    order they end). Returns each call's value, or the exception it failed with, in call order."""
+    futures = [submit(runner, task, **call) for call in calls]
+    outcomes: list[Any] = [None] * len(futures)
+    async for done in finished(futures):
+        outcomes[done.index] = done.value
+        await on_finished(done)
+    return outcomes
 
 
 @contextlib.contextmanager

@@ -32,6 +32,9 @@ class GenerationFailed(RuntimeError):
         )
         self.failed = list(failed)
 
+    def __reduce__(self):  # noqa: ANN204 - pickles (it crosses back from a Dask or Ray worker)
+        return (type(self), (self.failed, self.total))
+
 
 def prompt_messages(prompt: NumberPrompt, system: str | None,
                     few_shot: Sequence[dict[str, str]] = ()) -> list[dict[str, str]]:

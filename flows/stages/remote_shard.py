@@ -1,9 +1,14 @@
-"""A whole DualDistill shard, self-contained: what a Dask or Ray worker runs.
+"""Whole shards, self-contained: what a Dask or Ray worker runs, one function per job.
 
 Nothing of the flow's process reaches a worker (live clients, the sandbox, embedded
-servers, the progress file), so `run_shard` builds its own runtime from the recipe where
-it runs — clients, sandbox and journal on the shared journal folder — answers the shard with
-both teachers, grades, stitches, closes everything, and returns picklable records.
+servers, the progress file), so each function builds its own clients from the recipe where
+it runs, on the shared journal folder, does the shard's whole work, closes everything, and
+returns picklable records:
+
+- `run_shard` (DualDistill): both teachers answer, grade, stitch;
+- `run_round_shard` (self-distillation): the student samples K per problem, grade, select,
+  teacher parts (generated, or reused from the parts the flow hands over), examples;
+- `run_numbers_shard` (leakage): one teacher completes a shard of number prompts.
 
 - Requests: each call has its own clients, so the recipe's `max_concurrency` holds per
   shard in flight (per worker on a local cluster, which runs one shard per worker).
@@ -13,34 +18,44 @@ both teachers, grades, stitches, closes everything, and returns picklable record
 - Budget: `budget:` caps are checked against the journal as it stands when the shard starts
   plus this shard's own requests; shards running at once do not see each other's requests,
   so a cap can be passed by what the other shards in flight send.
-- Embedded teachers: each shard that has a request to send starts its own llama.cpp server.
-- `output_dir` as a URL: workers on the flow's machine share its local mirror (the flow
-  pulls and pushes it); elsewhere the shard pulls the URL's state (journal) into that
-  machine's mirror first and pushes its journal after, so a shard retried on another
-  machine still replays what was answered.
-- Failures: what it raises pickles (it crosses back to the flow's process): `ShardFailed`
-  keeps its message and its errors, an error that does not pickle becomes a `WorkerError`
-  with its type's name and text, and `BudgetReached` stays itself.
+- Embedded models: each shard that has a request to send starts its own llama.cpp server.
+- A URL `output_dir` and failures: `on_worker` (flows/orchestration/on_worker.py) syncs the
+  journal of a worker on another machine and makes what a shard raises pickle.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
-import pickle
-import socket
-import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from flows.grading import Grader
+from flows.inputs.number_prompts import NumberPrompt
 from flows.inputs.prompts import load_prompt
 from flows.models.client import ClientStats
-from flows.publishing.storage import pull_state, push_state
-from flows.stages.shards import ShardFailed, answer_shard, grade_shard, shard_name
+from flows.models.embedded import EmbeddedServer
+from flows.models.journal import RequestJournal
+from flows.orchestration.on_worker import on_worker, process_grader
+from flows.stages.number_generation import GenerationFailed
+from flows.stages.shards import answer_shard, grade_shard, shard_name
 from flows.stages.stitching import stitch_shard
+from flows.teachers.number_teachers import leakage_budget, number_teachers
 from flows.teachers.runtime import Runtime, build_runtime, journal_dir
-from schemas.recipe import Recipe
-from schemas.records import Composite, GradedTrajectory, Problem, Rejected
+from flows.teachers.students import StudentRuntime, build_student_runtime
+from schemas.recipe import Recipe, StudentSpec
+from schemas.records import (
+    Composite,
+    GradedTrajectory,
+    Problem,
+    Rejected,
+    SelfDistillExample,
+    SelfDistillRejected,
+)
+
+if TYPE_CHECKING:  # polars and the selection stage: imported where a round's shard needs them
+    import polars as pl
+
+    from flows.stages.self_distillation import TeacherKey
 
 ROLES = ("tool", "reasoning")
 
@@ -54,33 +69,20 @@ class ShardOutcome:
     sandbox: str  # the sandbox the tool teacher's code ran in, on the worker
 
 
-def mirror_id(recipe: Recipe) -> str:
-    """Which local mirror of a URL output_dir this process works in: machine and folder."""
-    return f"{socket.gethostname()}:{recipe.work_dir}"
-
-
 async def run_shard(
     recipe: Recipe, index: int, problems: list[Problem], flow_mirror: str | None = None, grader: Grader | None = None,
 ) -> ShardOutcome:
-    """Answer, grade and stitch shard `index` with a runtime of its own. `flow_mirror`: the
-    flow's `mirror_id`; for a URL output_dir, a worker working in another mirror (another
-    machine) pulls the URL's state first and pushes its journal after. `grader`: default,
-    one per process (`process_grader`)."""
-    own_mirror = recipe.remote_output is not None and flow_mirror not in (None, mirror_id(recipe))
-    journal = journal_dir(recipe).relative_to(recipe.state_dir).as_posix()  # the rest of the state is the flow's
-    try:
-        if own_mirror:
-            await asyncio.to_thread(pull_state, recipe, journal)
+    """Answer, grade and stitch DualDistill shard `index` with a runtime of its own.
+    `flow_mirror`: the flow's `mirror_id` (see `on_worker`). `grader`: default, one per
+    process (`process_grader`)."""
+    async def work() -> ShardOutcome:
         runtime = build_runtime(recipe)
         try:
             return await _answer_grade_stitch(recipe, index, problems, runtime, grader or process_grader())
         finally:
             await runtime.aclose()
-            if own_mirror:
-                await asyncio.to_thread(push_state, recipe, journal)
-    except BaseException as error:
-        travelling = portable(error)
-    raise travelling  # outside the `except`: no __context__ pointing at the original
+
+    return await on_worker(recipe, flow_mirror, work)
 
 
 async def _answer_grade_stitch(
@@ -103,63 +105,74 @@ async def _answer_grade_stitch(
                         runtime.sandbox.name)
 
 
-_grader: Grader | None = None
-_grader_lock = threading.Lock()
+@dataclass
+class RoundShardOutcome:
+    graded: list[GradedTrajectory]  # every graded sample
+    stats: pl.DataFrame  # per problem (selection.problem_stats)
+    examples: list[SelfDistillExample]
+    rejected: list[SelfDistillRejected]
+    sampled: ClientStats  # the student's requests
 
 
-def process_grader() -> Grader:
-    """One grader per worker process, kept across its shards (its sympy worker takes a second
-    to warm up); closed when the process exits."""
-    global _grader
-    with _grader_lock:
-        if _grader is None:
-            _grader = Grader(workers=1)
-        return _grader
+async def run_round_shard(
+    recipe: Recipe, student: StudentSpec, reused: dict[TeacherKey, GradedTrajectory] | None, round_number: int,
+    index: int, problems: list[Problem], flow_mirror: str | None = None, grader: Grader | None = None,
+) -> RoundShardOutcome:
+    """Self-distillation shard `index` of round `round_number` with a student runtime of its
+    own. `reused`: the reused teacher parts of this shard's problems, or None to generate."""
+    async def work() -> RoundShardOutcome:
+        runtime = build_student_runtime(recipe, student, reused)
+        try:
+            return await _sample_select_complete(recipe, runtime, grader or process_grader(), round_number, index,
+                                                 problems)
+        finally:
+            await runtime.aclose()
+
+    return await on_worker(recipe, flow_mirror, work)
 
 
-class WorkerError(RuntimeError):
-    """An exception raised on a worker that could not be pickled: its type's name and text."""
+async def _sample_select_complete(
+    recipe: Recipe, runtime: StudentRuntime, grader: Grader, round_number: int, index: int, problems: list[Problem]
+) -> RoundShardOutcome:
+    from flows.stages.self_distillation import examples_of, pick_samples
 
-    def __init__(self, type_name: str, message: str) -> None:
-        super().__init__(message)
-        self.type_name = type_name
-
-    def __reduce__(self):  # noqa: ANN204
-        return (type(self), (self.type_name, str(self)))
-
-
-class PortableShardFailed(ShardFailed):
-    """A `ShardFailed` that pickles: the same message, stage and shard; errors that pickle."""
-
-    def __init__(self, message: str, stage: str, shard: str, errors: list[tuple[str, BaseException]]) -> None:
-        RuntimeError.__init__(self, message)
-        self.stage, self.shard, self.errors = stage, shard, errors
-
-    def __reduce__(self):  # noqa: ANN204
-        return (type(self), (str(self), self.stage, self.shard, self.errors))
+    spec = recipe.self_distill
+    shard = f"r{round_number}-{shard_name(index)}"
+    samples = await answer_shard(runtime.student, problems, shard, runtime.slots(), samples=spec.k)
+    graded = await asyncio.to_thread(grade_shard, samples, problems, grader, recipe.system_prompt)
+    picked = pick_samples(graded, spec)
+    parts = await runtime.teacher_parts(picked.needed, problems, grader, shard)
+    examples, rejected = examples_of(picked, parts, problems, spec, round_number, recipe.system_prompt)
+    return RoundShardOutcome(graded, picked.stats, examples, rejected, runtime.student.client.stats)
 
 
-def portable(error: BaseException) -> BaseException:
-    """`error` as it can cross to the flow's process (see the module's docstring), without
-    its cause, context and traceback (Dask's tblib would ship those too, pickled or not)."""
-    if isinstance(error, ShardFailed):
-        return PortableShardFailed(str(error), error.stage, error.shard,
-                                   [(problem_id, portable(e)) for problem_id, e in error.errors])
-    if isinstance(error, BaseExceptionGroup):
-        return BaseExceptionGroup(error.message, [portable(e) for e in error.exceptions])
-    try:
-        pickle.loads(_plain_pickle(error))
-    except Exception:  # noqa: BLE001 - whatever stops it pickling, its text survives
-        return WorkerError(type(error).__name__, str(error))
-    error.__cause__ = error.__context__ = error.__traceback__ = None
-    return error
+@dataclass
+class NumbersOutcome:
+    rows: list[dict[str, Any]]  # one per prompt (number_generation.complete_prompts)
+    stats: ClientStats  # the teacher's requests
 
 
-def _plain_pickle(value: object) -> bytes:
-    """Pickled without copyreg's table, where Dask installs tblib's reducers for every
-    exception class: the flow's process may not have them (Ray's does not)."""
-    buffer = io.BytesIO()
-    pickler = pickle.Pickler(buffer)
-    pickler.dispatch_table = {}
-    pickler.dump(value)
-    return buffer.getvalue()
+async def run_numbers_shard(
+    recipe: Recipe, teacher: str, prompts: list[NumberPrompt], shard: str, flow_mirror: str | None = None,
+) -> NumbersOutcome:
+    """The leakage job's `teacher` ("trait" or "control") completes one shard of prompts."""
+    async def work() -> NumbersOutcome:
+        (numbers,) = [t for t in number_teachers(recipe) if t.name == teacher]
+        journal = RequestJournal(journal_dir(recipe))
+        servers: list[EmbeddedServer] = []
+        budget = leakage_budget(recipe)
+        client = numbers.client(journal, servers, budget)
+        try:
+            rows = await numbers.complete(client, prompts, shard)
+        except GenerationFailed:
+            if budget is not None and budget.stopped:  # the cap, not the endpoint, left prompts unanswered
+                raise budget.stop() from None
+            raise
+        finally:
+            await client.aclose()
+            for server in servers:
+                server.stop()
+            journal.close()
+        return NumbersOutcome(rows, client.stats)
+
+    return await on_worker(recipe, flow_mirror, work)

@@ -15,12 +15,15 @@ DualDistill run's `trajectories/`, as the reference code does).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
-from flows.inputs.prompts import PromptFile
+from flows.inputs.prompts import PromptFile, load_prompt
+from flows.stages.selection import problem_stats, select
 from flows.stages.stitching import stitch_pair
+from schemas.recipe import SelfDistillSpec
 from schemas.records import (
     Composite,
     GradedTrajectory,
@@ -56,6 +59,34 @@ def samples_frame(samples: Sequence[GradedTrajectory]) -> pl.DataFrame:
         schema={"problem_id": pl.String, "sample": pl.Int64, "correct": pl.Boolean, "ran_code": pl.Boolean,
                 "text": pl.String, "confidence": pl.Float64, "lowest_window": pl.Float64},
     )
+
+
+@dataclass
+class Picks:
+    """A shard's graded samples, selected: what the teacher part and the examples are built from."""
+
+    stats: pl.DataFrame  # per problem: samples, correct ones, mean score (problem_stats)
+    picks: pl.DataFrame  # the picked samples (selection.PICK_COLUMNS)
+    by_sample: dict[tuple[str, int], GradedTrajectory]
+    needed: list[TeacherKey]  # the teacher parts the picks need
+
+
+def pick_samples(graded: Sequence[GradedTrajectory], spec: SelfDistillSpec) -> Picks:
+    """Select among a shard's graded samples by the β rules, and name the teacher parts needed."""
+    frame = samples_frame(graded)
+    picks = select(frame, beta1=spec.beta1, beta2=spec.beta2, rule=spec.rule, pick=spec.pick, seed=spec.seed)
+    by_sample = {(g.problem_id, g.sample): g for g in graded}
+    return Picks(problem_stats(frame), picks, by_sample, needed_teacher_parts(picks, by_sample))
+
+
+def examples_of(
+    picked: Picks, teacher_parts: Mapping[TeacherKey, GradedTrajectory | str], problems: Sequence[Problem],
+    spec: SelfDistillSpec, round_number: int, system_prompt: str | None,
+) -> tuple[list[SelfDistillExample], list[SelfDistillRejected]]:
+    """`build_examples` for a shard, with the recipe's transitions and pick."""
+    return build_examples(picked.picks, picked.by_sample, teacher_parts, {p.id: p for p in problems},
+                          load_prompt(spec.transitions), round_number=round_number, pick=spec.pick,
+                          system_prompt=system_prompt)
 
 
 def needed_teacher_parts(picks: pl.DataFrame, samples: Mapping[tuple[str, int], GradedTrajectory]) -> list[TeacherKey]:
