@@ -9,14 +9,18 @@ run of 4,000 shards leaves them, then measures each journal in a fresh subproces
   kill -9 or a merge with another machine's journal);
 - peak RSS (`ru_maxrss`) after the imports, after open and after 10,000 random lookups;
 - lookups per second (hits, random keys over all files), misses per second, records per
-  second (2,000 appends to a fresh shard).
+  second (2,000 appends to a fresh shard);
+- `spent_in_journal` (what `budget:` counts on start): without index files (every line
+  read), with the index current, and with 1% of the lines appended after it, against the
+  function before the index held each file's usage (every line parsed).
 
 "old" is the journal before the index (every entry in a dict; a copy is below, so the
-bench keeps comparing after the code changes); "new" is flows/models/journal.py. All
+bench keeps comparing after the code changes), and `spent_in_journal` before it read the
+index (also copied); "new" is flows/models/journal.py and flows/models/budget.py. All
 files are in the page cache (just written): open times are CPU, not disk.
 
 Run: .venv/bin/python bench/bench_journal.py [--requests 1000000] [--dir /tmp/x] [--keep]
-(about 2 minutes on 2 cores and 2 GB of disk for a million; --requests 100000 for a quick look)
+(about 3 minutes on 2 cores and 2 GB of disk for a million; --requests 100000 for a quick look)
 """
 
 from __future__ import annotations
@@ -136,6 +140,24 @@ class OldJournal:
             handle.close()
 
 
+def old_spent_in_journal(journal_dir: Path) -> tuple[int, int]:
+    """flows/models/budget.py's `spent_in_journal` before the index held usage (tokens and
+    answers; prices left out): every line of every file parsed."""
+    tokens, answers = 0, 0
+    for path in sorted(journal_dir.glob("*.jsonl")):
+        with path.open(encoding="utf-8") as lines:
+            for line in lines:
+                try:
+                    value = json.loads(line)["value"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+                if "finish_reason" not in value:
+                    continue
+                tokens += (value.get("prompt_tokens") or 0) + (value.get("completion_tokens") or 0)
+                answers += 1
+    return tokens, answers
+
+
 def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -178,6 +200,21 @@ def child(kind: str, directory: Path, requests: int, records: bool) -> None:
     print(json.dumps(figures))
 
 
+def spent_child(kind: str, directory: Path) -> None:
+    """`spent_in_journal` (or the old one), in its own process; prints a JSON line."""
+    from flows.models.budget import spent_in_journal
+
+    logging.disable(logging.WARNING)
+    figures: dict[str, Any] = {"imports_mb": peak_mb()}
+    start = time.perf_counter()
+    if kind == "spent-old":
+        tokens, answers = old_spent_in_journal(directory)
+    else:
+        tokens, _, answers = spent_in_journal(directory, {})
+    figures.update(spent_s=time.perf_counter() - start, spent_mb=peak_mb(), tokens=tokens, answers=answers)
+    print(json.dumps(figures))
+
+
 def measure(kind: str, directory: Path, requests: int, records: bool = False) -> dict[str, Any]:
     command = [sys.executable, __file__, "--child", kind, "--dir", str(directory), "--requests", str(requests)]
     if records:
@@ -192,9 +229,12 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, help="where to write the journal (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the journal afterwards")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--child", choices=["old", "new"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["old", "new", "spent-old", "spent-new"], help=argparse.SUPPRESS)
     parser.add_argument("--records", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child in ("spent-old", "spent-new"):
+        spent_child(args.child, args.dir)
+        return
     if args.child:
         child(args.child, args.dir, args.requests, args.records)
         return
@@ -209,10 +249,15 @@ def main() -> None:
         print(f"wrote {args.requests:,} requests in {args.requests // PER_SHARD:,} files: {size / 2**30:.2f} GiB, "
               f"{size / args.requests:,.0f} B a line, {time.perf_counter() - start:.0f} s")
 
+        spent = {"new, no index": measure("spent-new", directory, args.requests)}
         runs = {"new, cold": measure("new", directory, args.requests)}
         index_bytes = sum(path.stat().st_size for path in index.glob("*.idx"))
         runs["new, warm"] = measure("new", directory, args.requests)
+        spent["new, warm"] = measure("spent-new", directory, args.requests)
         append_tail(directory, args.requests, args.requests // 100, args.seed)
+        spent["new, warm + 1% tail"] = measure("spent-new", directory, args.requests)
+        spent["old"] = measure("spent-old", directory, args.requests)
+        assert len({(run["tokens"], run["answers"]) for run in spent.values()}) == 2, spent  # the tail, or not
         runs["new, warm + 1% tail"] = measure("new", directory, args.requests, records=True)
         (directory / "bench-records.jsonl").unlink()
         (index / "bench-records.idx").unlink()
@@ -225,15 +270,23 @@ def main() -> None:
                 (f"peak RSS after {LOOKUPS:,} lookups (MB)", "lookups_mb", "{:,.0f}"),
                 ("lookups/s (hits)", "hits_per_s", "{:,.0f}"), ("lookups/s (misses)", "misses_per_s", "{:,.0f}"),
                 ("records/s", "records_per_s", "{:,.0f}")]
-        width = max(len(label) for label, _, _ in rows)
-        print(f"{'':{width}}" + "".join(f"{name:>22}" for name in runs))
-        for label, field, form in rows:
-            cells = [form.format(run[field]) if field in run else "" for run in runs.values()]
-            print(f"{label:{width}}" + "".join(f"{cell:>22}" for cell in cells))
+        table(runs, rows)
+        print()
+        table(spent, [("spent_in_journal: answers", "answers", "{:,}"), ("time (s)", "spent_s", "{:.2f}"),
+                      ("peak RSS after imports (MB)", "imports_mb", "{:,.0f}"),
+                      ("peak RSS after (MB)", "spent_mb", "{:,.0f}")])
     finally:
         if not args.keep:
             shutil.rmtree(root if args.dir is None else directory, ignore_errors=True)
             shutil.rmtree(index, ignore_errors=True)
+
+
+def table(runs: dict[str, dict[str, Any]], rows: list[tuple[str, str, str]]) -> None:
+    width = max(len(label) for label, _, _ in rows)
+    print(f"{'':{width}}" + "".join(f"{name:>22}" for name in runs))
+    for label, field, form in rows:
+        cells = [form.format(run[field]) if field in run else "" for run in runs.values()]
+        print(f"{label:{width}}" + "".join(f"{cell:>22}" for cell in cells))
 
 
 if __name__ == "__main__":

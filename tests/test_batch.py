@@ -9,8 +9,8 @@ import pytest
 from fake_batch_api import FakeBatchAPI
 from fake_openai import FakeOpenAIServer, Reply
 
-from flows.models.batch import BatchClient, chat_key
-from flows.models.client import ModelClient, ModelRequestError
+from flows.models.batch import BatchClient
+from flows.models.client import ModelClient, ModelRequestError, chat_key
 from flows.models.journal import RequestJournal
 from schemas.recipe import BatchSpec
 

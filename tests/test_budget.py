@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
 
 import pytest
 import yaml
@@ -14,7 +16,9 @@ from typer.testing import CliRunner
 
 from flows.cli import BUDGET_EXIT_CODE, app
 from flows.dualdistill import dualdistill
+from flows.models import journal as journal_module
 from flows.models.budget import Budget, BudgetReached, effective_price, run_budget, spent_in_journal
+from flows.models.journal import RequestJournal, index_directory
 from schemas.recipe import BudgetSpec, Price, TeacherSpec
 
 
@@ -103,3 +107,64 @@ def test_budget_unit_rules(tmp_path):
     budget = run_budget(BudgetSpec(cost=1.0), journal, [("tool", batch), ("reasoning", TeacherSpec(endpoint="embedded"))])
     assert (budget.tokens, budget.requests) == (4500, 3)
     assert budget.cost == pytest.approx(2 * (1000 * 1.0 + 500 * 4.0) / 1e6)  # the embedded model costs nothing
+
+
+class CountedReads:
+    """`open` and `os.pread` for flows/models/journal.py that count the bytes read from journal files."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.bytes = 0
+        real_pread = os.pread
+        monkeypatch.setattr(journal_module, "open", self.open, raising=False)
+        monkeypatch.setattr(journal_module.os, "pread", lambda fd, size, at: self.count(real_pread(fd, size, at)))
+
+    def count(self, data: bytes) -> bytes:
+        self.bytes += len(data)
+        return data
+
+    def open(self, path, mode="r", *args, **kwargs):
+        handle = open(path, mode, *args, **kwargs)  # noqa: SIM115 - the caller's `with` closes it
+        return _Counted(handle, self) if str(path).endswith(".jsonl") else handle
+
+
+class _Counted:
+    def __init__(self, handle, reads: CountedReads) -> None:
+        self._handle, self._reads = handle, reads
+
+    def read(self, *size):
+        return self._reads.count(self._handle.read(*size))
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_exc):
+        self._handle.close()
+
+
+def test_the_journal_s_spending_comes_from_its_index(tmp_path, monkeypatch):
+    journal_dir = tmp_path / "journal"
+    answer = {"content": "x" * 200, "finish_reason": "stop", "prompt_tokens": 30, "completion_tokens": 70}
+    journal = RequestJournal(journal_dir)
+    for i in range(3000):
+        journal.record(f"tool-shard-{i % 2:05d}", f"k{i}", answer if i % 10 else {"output": "4", "failed": False})
+    journal.close()
+    with (journal_dir / "reasoning-shard-00000.jsonl").open("a") as late:  # after the index was written
+        late.write(json.dumps({"key": "late", "time": 1.0, "value": answer}) + "\n")
+    size = sum(path.stat().st_size for path in journal_dir.glob("*.jsonl"))
+    assert size > 600_000
+    price = Price(prompt_per_mtok=1.0, completion_per_mtok=2.0)
+    expected = (2701 * 100, 2701 * (30 + 140) / 1e6, 2701)
+
+    reads = CountedReads(monkeypatch)
+    tokens, cost, answers = spent_in_journal(journal_dir, {"tool": price, "reasoning": price})
+    assert (tokens, answers) == expected[::2] and cost == pytest.approx(expected[1])
+    assert reads.bytes < 2 * 2 * 4096 + 1000  # the probes of two indexed files, and the unindexed one
+
+    shutil.rmtree(index_directory(journal_dir))  # no index: every line read, the same figures
+    reads.bytes = 0
+    tokens, cost, answers = spent_in_journal(journal_dir, {"tool": price, "reasoning": price})
+    assert (tokens, answers) == expected[::2] and cost == pytest.approx(expected[1])
+    assert reads.bytes == size

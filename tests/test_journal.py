@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from flows.models import journal as journal_module
-from flows.models.journal import RequestJournal, index_directory
+from flows.models.journal import RequestJournal, Usage, index_directory, usage_by_shard
 
 
 def answer(i: int) -> dict:
@@ -85,8 +85,9 @@ def test_only_the_tail_is_read_when_the_index_is_current(tmp_path, monkeypatch):
     with (tmp_path / "j" / "tool-shard-00001.jsonl").open("a") as other_writer:
         other_writer.write(foreign_line("late", answer(7)))
     read = []
-    real_key_of = journal_module._key_of
-    monkeypatch.setattr(journal_module, "_key_of", lambda data, *place: read.append(data) or real_key_of(data, *place))
+    real_entry_of = journal_module._entry_of
+    monkeypatch.setattr(journal_module, "_entry_of",
+                        lambda data, *place: read.append(data) or real_entry_of(data, *place))
     journal = RequestJournal(tmp_path / "j")
     assert len(read) == 1 and b"late" in read[0]
     assert journal.get("late") == answer(7) and len(journal) == len(written) + 1
@@ -283,3 +284,159 @@ def test_a_torn_line_glued_to_the_next_one_is_skipped(tmp_path, caplog):
     assert caplog.text.count("unreadable journal entry skipped") == 2
     assert_holds(journal, {"a": answer(1), "c": answer(3)})
     assert journal.get("torn") is None and journal.get("b") is None
+
+
+# -- usage: what `budget:` counts on start, from the index ----------------------------
+
+
+def parsed_usage(directory) -> dict[str, Usage]:
+    """Every line of every file parsed: what `spent_in_journal` read before the index held usage."""
+    usage = {}
+    for path in sorted(directory.glob("*.jsonl")):
+        usage[path.stem] = Usage()
+        for line in path.read_bytes().split(b"\n"):
+            try:
+                entry = json.loads(line)
+                value = entry["value"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            if isinstance(entry["key"], str) and isinstance(value, dict) and "finish_reason" in value:
+                usage[path.stem].add((value.get("prompt_tokens") or 0, value.get("completion_tokens") or 0))
+    return usage
+
+
+def execution(i: int) -> dict:
+    return {"output": f"{i}\n", "failed": False}
+
+
+def test_usage_is_the_index_s_and_equals_reading_every_line(tmp_path):
+    directory = tmp_path / "j"
+    written = fill(directory)
+    journal = RequestJournal(directory)
+    for i in range(5):
+        journal.record("tool-shard-00000", f"exec{i}", execution(i))  # code executions count nothing
+    journal.record("tool-shard-00001", "k1", answer(40))  # answered again: both lines count
+    journal.close()
+    assert usage_by_shard(directory) == parsed_usage(directory)
+    assert sum(usage.answers for usage in usage_by_shard(directory).values()) == len(written) + 1
+
+
+def test_usage_after_lines_appended_by_another_writer(tmp_path):
+    directory = tmp_path / "j"
+    fill(directory)
+    with (directory / "tool-shard-00001.jsonl").open("a") as other_writer:
+        other_writer.write(foreign_line("late", answer(7)))
+        compact = json.dumps({"key": "compact", "time": 2.0, "value": answer(8)}, separators=(",", ":"))
+        other_writer.write(compact + "\n")
+        other_writer.write(foreign_line("no usage", {"content": "x", "finish_reason": "stop"}))
+        other_writer.write(foreign_line("nulls", {**answer(9), "prompt_tokens": None}))
+        other_writer.write(foreign_line("quoted", {"output": 'a "finish_reason": 3', "failed": True}))
+    assert usage_by_shard(directory) == parsed_usage(directory)  # the index covers what fill() wrote
+    journal = RequestJournal(directory)  # reads the new lines, counts them into the index
+    journal.close()
+    assert usage_by_shard(directory) == parsed_usage(directory)
+
+
+def test_usage_with_torn_lines(tmp_path):
+    directory = tmp_path / "j"
+    fill(directory)
+    path = directory / "tool-shard-00000.jsonl"
+    confident = {**answer(3), "confidence": {"tokens": 6, "mean_logprob": -0.2}, "max_tokens": 64}
+    line = foreign_line("torn", confident)
+    with path.open("a") as crashed:  # cut after its token counts: in the middle, then at the end
+        crashed.write(line[: line.index(', "max_tokens"')] + "\n" + foreign_line("whole", answer(2)) + line[:-30])
+    assert usage_by_shard(directory) == parsed_usage(directory)
+    journal = RequestJournal(directory)
+    journal.record("tool-shard-00000", "after", answer(4))  # the torn line gets its newline first
+    journal.close()
+    assert usage_by_shard(directory) == parsed_usage(directory)
+    shutil.rmtree(index_directory(directory))
+    assert usage_by_shard(directory) == parsed_usage(directory)
+
+
+def test_usage_of_a_last_line_without_its_newline(tmp_path):
+    directory = tmp_path / "j"
+    directory.mkdir()
+    (directory / "s.jsonl").write_text(foreign_line("a", answer(1)) + foreign_line("b", answer(2)).rstrip("\n"))
+    RequestJournal(directory).close()  # indexes "b" but covers only "a"
+    assert usage_by_shard(directory) == parsed_usage(directory) == {"s": Usage(2, 3, 6)}
+    journal = RequestJournal(directory)
+    journal.record("s", "c", answer(3))
+    journal.close()
+    assert usage_by_shard(directory) == parsed_usage(directory) == {"s": Usage(3, 6, 12)}
+
+
+def test_usage_without_an_index_or_with_a_stale_one(tmp_path):
+    directory = tmp_path / "j"
+    fill(directory)
+    expected = parsed_usage(directory)
+    shutil.rmtree(index_directory(directory))
+    assert usage_by_shard(directory) == expected
+    RequestJournal(directory).close()
+    path = directory / "tool-shard-00002.jsonl"
+    path.write_text("".join(foreign_line(f"other{i}", answer(300 + i)) for i in range(40)))  # replaced, longer
+    (directory / "tool-shard-00000.jsonl").write_text(foreign_line("short", answer(5)))  # cut shorter
+    assert usage_by_shard(directory) == parsed_usage(directory) != expected
+    journal = RequestJournal(directory)
+    journal.record("tool-shard-00002", "new", answer(6))
+    journal.close()
+    assert usage_by_shard(directory) == parsed_usage(directory)
+    assert usage_by_shard(tmp_path / "absent") == {}
+
+
+def without_usage(index) -> None:
+    """Rewrite an index file as the first format wrote it: no usage after the header."""
+    data = index.read_bytes()
+    _, covered, count, head, tail, _ = journal_module._HEADER.unpack_from(data)
+    body = data[journal_module._HEADER.size + journal_module._USAGE.size :]
+    header = journal_module._HEADER.pack(b"DJIDX001", covered, count, head, tail, journal_module._digest(body))
+    index.write_bytes(header + body)
+
+
+def test_an_index_from_before_the_usage_serves_lookups_and_gets_it(tmp_path, monkeypatch):
+    directory = tmp_path / "j"
+    written = fill(directory)
+    for index in index_directory(directory).glob("*.idx"):
+        without_usage(index)
+    assert usage_by_shard(directory) == parsed_usage(directory)  # read from the files
+    hashed = []
+    real_hash_bytes = journal_module._hash_bytes
+    monkeypatch.setattr(journal_module, "_hash_bytes", lambda key: hashed.append(key) or real_hash_bytes(key))
+    journal = RequestJournal(directory)
+    assert not hashed  # its entries are trusted: only the usage is read
+    assert_holds(journal, written)
+    journal.record("tool-shard-00000", "new", answer(7))
+    journal.close()
+    monkeypatch.undo()
+    assert {index.read_bytes()[:8] for index in index_directory(directory).glob("*.idx")} == {b"DJIDX002"}
+    reads = []
+    monkeypatch.setattr(journal_module, "_entry_of", lambda *line: reads.append(line))
+    assert usage_by_shard(directory) == parsed_usage(directory) and not reads  # from the index now
+    monkeypatch.undo()
+    written["new"] = answer(7)
+    assert_holds(RequestJournal(directory), written)
+
+
+def test_usage_with_two_writers_on_one_shard(tmp_path):
+    first, second = RequestJournal(tmp_path / "j"), RequestJournal(tmp_path / "j")
+    for i in range(30):
+        (first if i % 3 else second).record("s", f"k{i}", answer(i) if i % 4 else execution(i))
+    second.close()
+    first.close()
+    assert usage_by_shard(tmp_path / "j") == parsed_usage(tmp_path / "j")
+
+
+def test_lines_the_journal_reads_without_parsing_count_as_parsed(tmp_path):
+    """The bytes-only reading of an answer line gives what parsing it gives."""
+    values = [answer(5), execution(1), {**answer(2), "confidence": {"tokens": 3, "mean_logprob": -0.2}},
+              {**answer(3), "content": 'he said "prompt_tokens": 99, "completion_tokens": 98}'},
+              {**answer(4), "reasoning_content": "finish_reason"}, {"finish_reason": "length"},
+              {**answer(6), "completion_tokens": 2.5}, {**answer(7), "prompt_tokens": -1},
+              {**answer(8), "prompt_tokens": 10**16}, {"content": "x", "finish_reason": None, "prompt_tokens": 4},
+              ["finish_reason"], "finish_reason", None]
+    for value in values:
+        line = foreign_line("k", value).rstrip("\n").encode()
+        entry = json.loads(line)
+        assert journal_module._entry_of(line, 0, len(line)) == (b"k", journal_module._answer_tokens(entry["value"]))
+    line = foreign_line("k", answer(5)).rstrip("\n").encode()
+    assert journal_module._answer_tokens_unparsed(line, 0, len(line)) == (5, 10)  # not parsed

@@ -2,7 +2,7 @@
 and the providers that copy it), at the provider's batch price.
 
 `BatchClient` is a `ModelClient`: `chat()` (journal lookup, budget, stats, journaling) is
-inherited unchanged; only the sending differs.
+inherited unchanged; only the sending differs (`_answer`, given the journal key and shard).
 
 - Concurrent requests are gathered — until `batch.gather_s` passes with no new one, or
   `max_requests_per_batch` are waiting — into one JSONL input file, one line per request:
@@ -34,7 +34,6 @@ on several); the `openai` package is needed only when a role uses `mode: batch`.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import json
 import logging
 import os
@@ -52,7 +51,6 @@ from flows.models.client import (
     ModelRequestError,
     _parse_completion,
     _short,
-    chat_key,
 )
 from schemas.recipe import BatchSpec
 
@@ -60,9 +58,6 @@ log = logging.getLogger("distillery.batch")
 
 BATCH_ENDPOINT = "/v1/chat/completions"
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
-
-# what chat() knows and _send_with_retries is not given: the sample index (part of the key) and the shard
-_CALL: contextvars.ContextVar[tuple[int, str]] = contextvars.ContextVar("distillery_batch_call")
 
 
 @dataclass
@@ -145,21 +140,12 @@ class BatchClient(ModelClient):
     def endpoint(self) -> str:
         return f"{self.base_url} (batch)" if isinstance(self.base_url, str) else "batch"
 
-    async def chat(self, messages: list[dict[str, Any]], params: dict[str, Any], *, sample: int = 0,
-                   shard: str = "shard", tools: list[dict[str, Any]] | None = None) -> ChatResponse:
-        token = _CALL.set((sample, shard))
-        try:
-            return await super().chat(messages, params, sample=sample, shard=shard, tools=tools)
-        finally:
-            _CALL.reset(token)
-
     # --- sending ------------------------------------------------------------------
 
-    async def _send_with_retries(
-        self, messages: list[dict[str, Any]], params: dict[str, Any], tools: list[dict[str, Any]] | None
-    ) -> ChatResponse:
-        sample, shard = _CALL.get((0, "shard"))
-        custom_id = chat_key(self.model, messages, params, extra=self.extra_body, tools=tools, sample=sample)
+    async def _answer(self, custom_id: str, shard: str, messages: list[dict[str, Any]], params: dict[str, Any],
+                      tools: list[dict[str, Any]] | None) -> ChatResponse:
+        """Wait for the request's answer from a batch: one still under way that holds it, or the
+        next one gathered. `custom_id` is the journal key `chat()` looked up."""
         body: dict[str, Any] = {"model": self.model, "messages": messages, "n": 1, **self.extra_body, **params}
         if tools:
             body["tools"] = tools
