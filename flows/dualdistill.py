@@ -34,7 +34,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.utilities.annotations import quote
 
 from flows.grading import GRADER_VERSION, Grader
-from flows.publishing.outputs import publish_outputs
+from flows.publishing.outputs import preload_publishing, publish_outputs
 from flows.inputs.problems import load_problems
 from flows.inputs.prompts import load_prompt
 from flows.publishing.report import RunSummary, summarise, summary_markdown
@@ -55,6 +55,7 @@ from flows.stages.shards import (
     grade_shard,
     scoped_run_token,
     shard_name,
+    shard_window,
     split_shards,
 )
 from flows.stages.stitching import stitch_shard
@@ -69,7 +70,9 @@ class RunFailed(RuntimeError):
 
 
 # Task inputs below are wrapped in `quote(...)`: Prefect otherwise walks every record of
-# every list passed to a task looking for futures (17 s of CPU for 2,000 problems).
+# every list passed to a task looking for futures (17 s of CPU for 2,000 problems). Every
+# task is async: a sync task called from this async flow runs on its event loop and opens
+# a sync Prefect client of its own (~50 ms of blocked loop each, per shard).
 
 
 @task(name="answer-shard", cache_key_fn=key_parameter, persist_result=True, retries=1, retry_delay_seconds=5)
@@ -88,9 +91,10 @@ async def grade_task(
 
 
 @task(name="stitch-shard", cache_key_fn=key_parameter, persist_result=True)
-def stitch_task(key: str, recipe: Recipe, problems: list[Problem], graded: list[GradedTrajectory]):
+async def stitch_task(key: str, recipe: Recipe, problems: list[Problem], graded: list[GradedTrajectory]):
     spec = recipe.stitching
-    return stitch_shard(problems, graded, load_prompt(spec.transitions), spec.order, spec.seed, recipe.system_prompt)
+    return await asyncio.to_thread(stitch_shard, problems, graded, load_prompt(spec.transitions), spec.order,
+                                   spec.seed, recipe.system_prompt)
 
 
 @task(name="shard", cache_key_fn=key_parameter, persist_result=True, retry_delay_seconds=5)
@@ -100,25 +104,25 @@ async def shard_task(key: str, recipe: Recipe, index: int, problems: list[Proble
 
 
 @task(name="publish")
-def publish_task(recipe: Recipe, summary: RunSummary, composites, trajectories, rejected) -> dict[str, str]:
-    published = publish_outputs(recipe, summary, composites, trajectories, rejected)
+async def publish_task(recipe: Recipe, summary: RunSummary, composites, trajectories, rejected) -> dict[str, str]:
+    published = await asyncio.to_thread(publish_outputs, recipe, summary, composites, trajectories, rejected)
     return {name: output_location(recipe, dataset.path) for name, dataset in published.items()}
 
 
 async def _process_shard(
     recipe: Recipe, answer_scopes: dict[str, str], runtime: Runtime, grader: Grader, progress: RunProgress,
-    index: int, problems: list[Problem],
+    windows: dict[str, asyncio.Semaphore], index: int, problems: list[Problem],
 ) -> tuple[list[GradedTrajectory], list[Composite], list[Rejected]]:
     shard = shard_name(index)
     answer_keys, grade_key, stitch_key = _stage_keys(recipe, answer_scopes, problems)
     storage = result_storage(recipe)  # None: Prefect's default; for a URL output_dir, beside the journal
     answer = answer_task.with_options(retries=recipe.shard_retries, result_storage=storage)
     grade, stitch = (stage.with_options(result_storage=storage) for stage in (grade_task, stitch_task))
-    answers = await asyncio.gather(
-        *(answer(answer_keys[role], quote(runtime), role, shard, quote(problems), quote(progress))
-          for role in ("tool", "reasoning")),
-        return_exceptions=True,
-    )
+    async def answered_by(role: str) -> list[Trajectory]:
+        async with windows[role]:
+            return await answer(answer_keys[role], quote(runtime), role, shard, quote(problems), quote(progress))
+
+    answers = await asyncio.gather(*(answered_by(role) for role in ("tool", "reasoning")), return_exceptions=True)
     errors = [outcome for outcome in answers if isinstance(outcome, BaseException)]
     if errors:
         raise errors[0] if len(errors) == 1 else BaseExceptionGroup(f"{shard}: both teachers failed", errors)
@@ -126,7 +130,7 @@ async def _process_shard(
     for role in ("tool", "reasoning"):
         progress.shard_done(f"answer[{role}]", shard, len(problems))
     graded = await grade(grade_key, quote(grader), quote(trajectories), quote(problems), recipe.system_prompt)
-    composites, rejected = stitch(stitch_key, quote(recipe), quote(problems), quote(graded))
+    composites, rejected = await stitch(stitch_key, quote(recipe), quote(problems), quote(graded))
     progress.shard_done("grade", shard, len(graded), worked=True)
     await progress.publish()
     await asyncio.to_thread(push_state, recipe)  # a URL output_dir: this shard's answers reach other machines
@@ -155,9 +159,11 @@ async def _run_here(
     for role in ("tool", "reasoning"):
         progress.stage(f"answer[{role}]", problems, "answers", runtime.teacher(role).client.stats)
     progress.stage("grade", 2 * problems, "answers")
+    windows = {role: shard_window(runtime.problems_in_flight(role), recipe.shard_size)
+               for role in ("tool", "reasoning")}
     try:
         outcomes = await asyncio.gather(
-            *(_process_shard(recipe, answer_scopes, runtime, grader, progress, i, shard)
+            *(_process_shard(recipe, answer_scopes, runtime, grader, progress, windows, i, shard)
               for i, shard in enumerate(shards)),
             return_exceptions=True,
         )
@@ -239,6 +245,7 @@ async def dualdistill(recipe_path: str | None = None, recipe: dict | None = None
         for role in ("tool", "reasoning")
     }
     progress = RunProgress(recipe.state_dir, recipe.run_name, "dualdistill")
+    preloaded = asyncio.create_task(asyncio.to_thread(preload_publishing))
     async with workers(recipe.execution) as runner:  # None: this process's event loop
         if runner is None:
             outcomes, stats, sandbox, stopped = await _run_here(recipe, answer_scopes, progress, shards)
@@ -259,7 +266,8 @@ async def dualdistill(recipe_path: str | None = None, recipe: dict | None = None
     summary.sandbox, summary.grader = sandbox, GRADER_VERSION
     summary.sent_this_run = {role: s.sent for role, s in stats.items()}
     summary.reused_across_budget = {role: s.reused_across_budget for role, s in stats.items()}
-    summary.datasets = publish_task(quote(recipe), quote(summary), quote(composites), quote(graded), quote(rejected))
+    await preloaded
+    summary.datasets = await publish_task(quote(recipe), quote(summary), quote(composites), quote(graded), quote(rejected))
     summary.wall_s = round(time.perf_counter() - started, 2)
     progress.finish("completed")
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Awaitable, Callable
+from functools import partial
 
 import polars as pl
 from prefect import flow, get_run_logger, task
@@ -47,7 +49,7 @@ from flows.publishing.storage import check_output, output_location, pull_state, 
 from flows.stages.number_filter import REASONS, banned_numbers, filter_completions, pass_rates
 from flows.stages.number_generation import GenerationFailed
 from flows.stages.remote_shard import NumbersOutcome, run_numbers_shard
-from flows.stages.shards import content_key, key_parameter, scoped_run_token
+from flows.stages.shards import content_key, key_parameter, scoped_run_token, shard_window
 from flows.teachers.number_teachers import NumberTeacher, leakage_budget, number_teachers
 from flows.teachers.runtime import journal_dir
 from schemas.recipe import Recipe, flow_recipe
@@ -104,11 +106,12 @@ async def _generate_here(recipe: Recipe, journal: RequestJournal, servers: list[
         client = teacher.client(journal, servers, budget)
         clients.append(client)
         progress.stage(f"numbers[{teacher.name}]", len(prompts), "completions", client.stats)
+        window = shard_window(client.capacity, recipe.shard_size)
         for number, shard in _shards(recipe, prompts):
             name = f"{teacher.name}-{number}"
-            run = shard_task(teacher.shard_key(run_token, shard), teacher, quote(client), quote(shard), name,
-                             quote(progress))
-            runs.append(_tracked(run, progress, teacher.name, name, len(shard)))
+            run = partial(shard_task, teacher.shard_key(run_token, shard), teacher, quote(client), quote(shard), name,
+                          quote(progress))
+            runs.append(_tracked(run, window, progress, teacher.name, name, len(shard)))
     try:
         results = await asyncio.gather(*runs, return_exceptions=True)
     finally:
@@ -156,8 +159,10 @@ async def _generate_on_workers(runner, recipe: Recipe, prompts: list[NumberPromp
     return [o.rows if isinstance(o, NumbersOutcome) else o for o in outcomes]
 
 
-async def _tracked(shard_run, progress: RunProgress, teacher: str, shard: str, prompts: int) -> list[dict]:
-    rows = await shard_run
+async def _tracked(shard_run: Callable[[], Awaitable[list[dict]]], window: asyncio.Semaphore, progress: RunProgress,
+                   teacher: str, shard: str, prompts: int) -> list[dict]:
+    async with window:
+        rows = await shard_run()
     progress.shard_done(f"numbers[{teacher}]", shard, prompts)
     await progress.publish()
     return rows

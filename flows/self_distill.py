@@ -47,7 +47,16 @@ from flows.orchestration.on_worker import add_stats, budget_stop, mirror_id
 from flows.orchestration.progress import RunProgress
 from flows.orchestration.runs import flow_run_name, push_to_hub_task
 from flows.orchestration.task_runners import Finished, for_workers, map_on_workers, workers
-from flows.stages.shards import answer_shard, content_key, grade_shard, key_parameter, scoped_run_token, shard_name, split_shards
+from flows.stages.shards import (
+    answer_shard,
+    content_key,
+    grade_shard,
+    key_parameter,
+    scoped_run_token,
+    shard_name,
+    shard_window,
+    split_shards,
+)
 from flows.teachers.students import (
     StudentRuntime,
     build_student_runtime,
@@ -102,15 +111,17 @@ def _shard_keys(recipe: Recipe, scope: str, teacher_scope_: str, problems: list[
 
 
 async def _shard(recipe: Recipe, runtime: StudentRuntime, grader: Grader, progress: RunProgress, scope: str,
-                 index: int, problems: list[Problem], round_number: int) -> RoundShardOutcome:
+                 window: asyncio.Semaphore, index: int, problems: list[Problem], round_number: int
+                 ) -> RoundShardOutcome:
     spec = recipe.self_distill
     shard = f"r{round_number}-{shard_name(index)}"
     storage = result_storage(recipe)  # None: Prefect's default; for a URL output_dir, beside the journal
     sample, grade, teacher_part = (stage.with_options(result_storage=storage)
                                    for stage in (sample_task, grade_task, teacher_part_task))
     sample_key, grade_key = _shard_keys(recipe, scope, runtime.teacher_scope, problems)
-    samples = await sample(sample_key, quote(runtime), shard, quote(problems), spec.k, quote(progress),
-                           f"sample[r{round_number}]")
+    async with window:
+        samples = await sample(sample_key, quote(runtime), shard, quote(problems), spec.k, quote(progress),
+                               f"sample[r{round_number}]")
     progress.shard_done(f"sample[r{round_number}]", shard, len(samples))
     graded: list[GradedTrajectory] = await grade(grade_key, quote(grader), quote(samples), quote(problems),
                                                  recipe.system_prompt)
@@ -130,9 +141,10 @@ async def _shards_here(recipe: Recipe, student: StudentSpec, reused, grader: Gra
     runtime = build_student_runtime(recipe, student, reused)
     progress.stage(f"sample[r{round_number}]", _samples(recipe, shards), "samples", runtime.student.client.stats)
     progress.stage(f"grade + teacher part[r{round_number}]", _problems(shards), "problems")
+    window = shard_window(runtime.samples_in_flight(), recipe.shard_size * recipe.self_distill.k)
     try:
         outcomes = await asyncio.gather(
-            *(_shard(recipe, runtime, grader, progress, scope, i, shard, round_number)
+            *(_shard(recipe, runtime, grader, progress, scope, window, i, shard, round_number)
               for i, shard in enumerate(shards)),
             return_exceptions=True,
         )

@@ -48,6 +48,12 @@ def _card_sections(recipe: Recipe, summary: RunSummary) -> dict[str, str]:
     }
 
 
+def preload_publishing() -> None:
+    """Import the Parquet writer (and `datasets`, ~1 s) now. A flow calls this in a thread
+    while its requests are under way, so that the import is not paid after the last answer."""
+    import flows.publishing.parquet  # noqa: F401
+
+
 def publish_outputs(
     recipe: Recipe,
     summary: RunSummary,

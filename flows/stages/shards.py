@@ -47,6 +47,15 @@ def split_shards(problems: Sequence[Problem], shard_size: int) -> list[list[Prob
     return [list(problems[i : i + shard_size]) for i in range(0, len(problems), shard_size)]
 
 
+def shard_window(in_flight: int, shard_size: int) -> asyncio.Semaphore:
+    """How many shards one role answers at once, for `in_flight` problems under way: enough
+    waiting problems to refill every slot while a shard finishes, so the endpoint never idles,
+    and no more. Shards then start at once instead of setting up their Prefect task runs in
+    lockstep (2.5 s before the first request with 40 shards), and finish, and are graded,
+    in order rather than all at the end."""
+    return asyncio.Semaphore(max(2, -(-2 * in_flight // shard_size) + 1))
+
+
 def scoped_run_token(state_dir: Path) -> str:
     """Scopes cached stage results to this output folder's life: delete the folder
     (journal included) and the next run starts from scratch, cache included."""

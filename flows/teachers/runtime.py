@@ -80,11 +80,14 @@ class Runtime:
     def teacher(self, role: str) -> ToolTeacher | ReasoningTeacher:
         return self.tool if role == "tool" else self.reasoning
 
-    def problem_slots(self, role: str) -> asyncio.Semaphore:
+    def problems_in_flight(self, role: str) -> int:
         """Problems under way per teacher: twice its request limit, so that a problem
         waiting for its code to run does not leave a request slot idle."""
+        return 2 * self.teacher(role).client.capacity
+
+    def problem_slots(self, role: str) -> asyncio.Semaphore:
         if role not in self._slots:
-            self._slots[role] = asyncio.Semaphore(2 * self.teacher(role).client.capacity)
+            self._slots[role] = asyncio.Semaphore(self.problems_in_flight(role))
         return self._slots[role]
 
     async def aclose(self) -> None:

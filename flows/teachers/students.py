@@ -132,11 +132,14 @@ class StudentRuntime:
     budget: Budget | None = None
     _slots: asyncio.Semaphore | None = field(default=None, repr=False)
 
-    def slots(self) -> asyncio.Semaphore:
+    def samples_in_flight(self) -> int:
         """Samples under way: twice the student's request limit (a sample running code holds
         its slot without a request in flight)."""
+        return 2 * self.student.client.capacity
+
+    def slots(self) -> asyncio.Semaphore:
         if self._slots is None:
-            self._slots = asyncio.Semaphore(2 * self.student.client.capacity)
+            self._slots = asyncio.Semaphore(self.samples_in_flight())
         return self._slots
 
     async def teacher_parts(
