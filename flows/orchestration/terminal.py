@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -32,6 +33,11 @@ def quiet_prefect_console() -> None:
         for handler in logging.getLogger(name).handlers:
             if isinstance(handler, PrefectConsoleHandler):
                 handler.setLevel(logging.WARNING)
+    # the processes this one starts (a local Dask or Ray cluster's workers) print to the same
+    # terminal: their Prefect console lines too, and Dask's own chatter, only from warnings up
+    os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    logging.getLogger("distributed").setLevel(logging.WARNING)
 
 
 def _rate(stage: dict[str, Any]) -> str:
