@@ -148,6 +148,7 @@ def test_the_recipe_section_names_bad_fields(tmp_path):
 
 @pytest.mark.model
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # two fine-tunes of the 135M model on CPU: ~240 s alone on 2 cores, near the default 300
 def test_likelihood_shift_and_behavioral_probe_on_the_embedded_weights(tmp_path):
     from flows.models.embedded import embedded_gguf_path
 

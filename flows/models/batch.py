@@ -2,7 +2,7 @@
 and the providers that copy it), at the provider's batch price.
 
 `BatchClient` is a `ModelClient`: `chat()` (journal lookup, budget, stats, journaling) is
-inherited unchanged; only the sending differs (`_answer`, given the journal key and shard).
+inherited unchanged; only the sending differs (`_fetch_answer`, given the journal key and shard).
 
 - Concurrent requests are gathered — until `batch.gather_s` passes with no new one, or
   `max_requests_per_batch` are waiting — into one JSONL input file, one line per request:
@@ -142,8 +142,8 @@ class BatchClient(ModelClient):
 
     # --- sending ------------------------------------------------------------------
 
-    async def _answer(self, custom_id: str, shard: str, messages: list[dict[str, Any]], params: dict[str, Any],
-                      tools: list[dict[str, Any]] | None) -> ChatResponse:
+    async def _fetch_answer(self, custom_id: str, shard: str, messages: list[dict[str, Any]], params: dict[str, Any],
+                            tools: list[dict[str, Any]] | None) -> ChatResponse:
         """Wait for the request's answer from a batch: one still under way that holds it, or the
         next one gathered. `custom_id` is the journal key `chat()` looked up."""
         body: dict[str, Any] = {"model": self.model, "messages": messages, "n": 1, **self.extra_body, **params}

@@ -212,7 +212,7 @@ class ModelClient:
             return ChatResponse.from_journal(legacy)
         if self.budget is not None:
             self.budget.admit()  # raises BudgetReached: nothing more is sent
-        response = await self._answer(key, shard, messages, params, tools)
+        response = await self._fetch_answer(key, shard, messages, params, tools)
         self.journal.record(shard, key, {**response.to_journal(), "max_tokens": max_tokens})
         if self.budget is not None:
             self.budget.spend(response.prompt_tokens, response.completion_tokens, self.price)
@@ -248,8 +248,8 @@ class ModelClient:
         adaptive = AdaptiveLimit(url, auto.start, auto.min, auto.max, auto.latency_factor) if auto else None
         return Endpoint(url, limit, session, adaptive)
 
-    async def _answer(self, key: str, shard: str, messages: list[dict[str, Any]], params: dict[str, Any],
-                      tools: list[dict[str, Any]] | None) -> ChatResponse:
+    async def _fetch_answer(self, key: str, shard: str, messages: list[dict[str, Any]], params: dict[str, Any],
+                            tools: list[dict[str, Any]] | None) -> ChatResponse:
         """The answer to a request the journal could not give; `chat()` journals it under `key`
         in `shard`. Sent here by `_send_with_retries` (which the in-process backends replace);
         the batch client, whose requests are named by their journal key, replaces this instead."""
