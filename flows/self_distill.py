@@ -35,6 +35,7 @@ from prefect.utilities.annotations import quote
 
 from flows.grading import GRADER_VERSION, Grader
 from flows.inputs.problems import load_problems
+from flows.inputs.prompts import load_prompt
 from flows.models.budget import BudgetReached
 from flows.models.client import ClientStats
 from flows.publishing.rounds import RoundSummary, plot_accuracy, summarise_round, summary_markdown
@@ -104,7 +105,7 @@ async def round_shard_task(key: str, recipe: Recipe, student: StudentSpec, reuse
     return await run_round_shard(recipe, student, reused, round_number, index, problems, flow_mirror)
 
 
-def _shard_keys(recipe: Recipe, scope: str, teacher_scope_: str, problems: list[Problem]) -> tuple[str, str]:
+def _shard_keys(recipe: Recipe, scope: str, problems: list[Problem]) -> tuple[str, str]:
     """Content keys of a shard's sample and grade stages (the teacher part's adds what it needs)."""
     sample_key = content_key(scope, "sample", content_key(*problems))
     return sample_key, content_key(sample_key, "grade", GRADER_VERSION, recipe.system_prompt)
@@ -118,7 +119,7 @@ async def _shard(recipe: Recipe, runtime: StudentRuntime, grader: Grader, progre
     storage = result_storage(recipe)  # None: Prefect's default; for a URL output_dir, beside the journal
     sample, grade, teacher_part = (stage.with_options(result_storage=storage)
                                    for stage in (sample_task, grade_task, teacher_part_task))
-    sample_key, grade_key = _shard_keys(recipe, scope, runtime.teacher_scope, problems)
+    sample_key, grade_key = _shard_keys(recipe, scope, problems)
     async with window:
         samples = await sample(sample_key, quote(runtime), shard, quote(problems), spec.k, quote(progress),
                                f"sample[r{round_number}]")
@@ -165,6 +166,7 @@ async def _shards_on_workers(runner, recipe: Recipe, student: StudentSpec, reuse
     progress.stage(finished_stage, _problems(shards), "problems")
     on_worker = round_shard_task.with_options(retries=recipe.shard_retries, result_storage=result_storage(recipe))
     teachers = teacher_scope(recipe, reused)
+    transitions = load_prompt(recipe.self_distill.transitions).digest
 
     async def count(done: Finished) -> None:
         if done.failed:
@@ -180,10 +182,11 @@ async def _shards_on_workers(runner, recipe: Recipe, student: StudentSpec, reuse
     calls = []
     for i, problems in enumerate(shards):
         ids = {p.id for p in problems}
-        own = None if reused is None else {key: part for key, part in reused.items() if key[0] in ids}
-        _, grade_key = _shard_keys(recipe, scope, teachers, problems)
-        calls.append({"key": content_key("round-shard", grade_key, recipe.self_distill, teachers),
-                      "recipe": for_workers(recipe), "student": _reachable(student), "reused": own,
+        own = None if reused is None else {part: trajectory for part, trajectory in reused.items() if part[0] in ids}
+        _, grade_key = _shard_keys(recipe, scope, problems)
+        # the whole shard's result: selection, teacher parts and examples (stitched with the transitions) too
+        key = content_key("round-shard", grade_key, recipe.self_distill, teachers, transitions)
+        calls.append({"key": key, "recipe": for_workers(recipe), "student": _reachable(student), "reused": own,
                       "round_number": round_number, "index": i, "problems": problems, "flow_mirror": mirror_id(recipe)})
     try:
         outcomes = await map_on_workers(runner, on_worker, calls, count)
