@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import shutil
+import time
 
 import pytest
 import yaml
@@ -107,6 +108,47 @@ def test_budget_unit_rules(tmp_path):
     budget = run_budget(BudgetSpec(cost=1.0), journal, [("tool", batch), ("reasoning", TeacherSpec(endpoint="embedded"))])
     assert (budget.tokens, budget.requests) == (4500, 3)
     assert budget.cost == pytest.approx(2 * (1000 * 1.0 + 500 * 4.0) / 1e6)  # the embedded model costs nothing
+
+
+def test_a_budget_watching_the_journal_counts_what_other_shards_spend(tmp_path):
+    """Two shards on two workers share the journal folder and the caps: each counts the
+    other's journaled answers once it refreshes, and never counts its own twice."""
+    journal_dir = tmp_path / "journal"
+    answer = {"content": "x", "finish_reason": "stop", "prompt_tokens": 10, "completion_tokens": 5}
+    spec = TeacherSpec(base_url="http://x/v1", model="m", price=Price(prompt_per_mtok=1.0, completion_per_mtok=2.0))
+    mine = run_budget(BudgetSpec(requests=10, tokens=1000), journal_dir, [("tool", spec)])
+    theirs = run_budget(BudgetSpec(requests=10, tokens=1000), journal_dir, [("tool", spec)])
+    journal = RequestJournal(journal_dir)
+    for i in range(3):  # my three requests: admitted, answered, journaled, spent
+        mine.admit()
+        journal.record("tool-shard-00000", f"mine-{i}", answer)
+        mine.spend(10, 5, spec.price)
+    mine.admit()  # a fourth, still in flight
+    for i in range(5):  # the other shard's five
+        theirs.admit()
+        journal.record("tool-shard-00001", f"theirs-{i}", answer)
+        theirs.spend(10, 5, spec.price)
+    assert (mine.requests, mine.tokens) == (4, 45)  # not watching: only its own
+
+    mine.refresh()
+    assert (mine.requests, mine.tokens) == (3 + 5 + 1, 8 * 15)  # every journaled answer once, + its one in flight
+    assert mine.cost == pytest.approx(8 * (10 + 10) / 1e6)
+    mine.admit()
+    with pytest.raises(BudgetReached, match=r"budget\.requests: 10 of 10"):
+        mine.admit()
+    mine.refresh()  # the journal knows less than it does now (two in flight): its own figures stay
+    assert mine.requests == 10
+
+    watching = run_budget(BudgetSpec(requests=100), journal_dir, [("tool", spec)])
+    watching.watch_others(every_s=0.0)
+    journal.record("tool-shard-00002", "late", answer)
+    journal.close()
+    watching.admit()  # starts a refresh in a thread
+    for _ in range(200):
+        if watching.tokens == 9 * 15:
+            break
+        time.sleep(0.01)
+    assert (watching.requests, watching.tokens) == (1 + 8 + 1, 9 * 15)  # its own in flight, the 8 journaled, the late one
 
 
 class CountedReads:

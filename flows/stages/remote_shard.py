@@ -16,8 +16,10 @@ returns picklable records:
   role and shard, so workers on several processes or machines never write the same file.
   Answers already journaled (by any run, any worker) are replayed, not sent.
 - Budget: `budget:` caps are checked against the journal as it stands when the shard starts
-  plus this shard's own requests; shards running at once do not see each other's requests,
-  so a cap can be passed by what the other shards in flight send.
+  plus this shard's own requests, and every 2 s against what the shared journal folder says
+  the other shards have spent since (`Budget.watch_others`): shards running at once can pass
+  a cap by what they send within one such refresh. Workers on other machines (a URL
+  `output_dir`) see each other's answers only as shards push their journals.
 - Embedded models: each shard that has a request to send starts its own llama.cpp server.
 - A URL `output_dir` and failures: `on_worker` (flows/orchestration/on_worker.py) syncs the
   journal of a worker on another machine and makes what a shard raises pickle.
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from flows.grading import Grader
 from flows.inputs.number_prompts import NumberPrompt
 from flows.inputs.prompts import load_prompt
+from flows.models.budget import Budget
 from flows.models.client import ClientStats
 from flows.models.embedded import EmbeddedServer
 from flows.models.journal import RequestJournal
@@ -60,6 +63,12 @@ if TYPE_CHECKING:  # polars and the selection stage: imported where a round's sh
 ROLES = ("tool", "reasoning")
 
 
+def _watch_other_shards(budget: Budget | None) -> None:
+    """The shards on other workers spend from the same caps: count their journaled answers."""
+    if budget is not None:
+        budget.watch_others()
+
+
 @dataclass
 class ShardOutcome:
     graded: list[GradedTrajectory]
@@ -77,6 +86,7 @@ async def run_shard(
     process (`process_grader`)."""
     async def work() -> ShardOutcome:
         runtime = build_runtime(recipe)
+        _watch_other_shards(runtime.budget)
         try:
             return await _answer_grade_stitch(recipe, index, problems, runtime, grader or process_grader())
         finally:
@@ -122,6 +132,7 @@ async def run_round_shard(
     own. `reused`: the reused teacher parts of this shard's problems, or None to generate."""
     async def work() -> RoundShardOutcome:
         runtime = build_student_runtime(recipe, student, reused)
+        _watch_other_shards(runtime.budget)
         try:
             return await _sample_select_complete(recipe, runtime, grader or process_grader(), round_number, index,
                                                  problems)
@@ -161,6 +172,7 @@ async def run_numbers_shard(
         journal = RequestJournal(journal_dir(recipe))
         servers: list[EmbeddedServer] = []
         budget = leakage_budget(recipe)
+        _watch_other_shards(budget)
         client = numbers.client(journal, servers, budget)
         try:
             rows = await numbers.complete(client, prompts, shard)
