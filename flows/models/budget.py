@@ -12,8 +12,8 @@ the requests already admitted when they were reached (those in flight and those 
 a slot: at most twice each role's concurrency, × a request's tokens); the request cap is exact.
 
 Shards on Dask or Ray workers each have a `Budget` of their own (built where the shard runs).
-There `watch_others()` makes it read, every few seconds and in a thread, what the journal
-folder they share says has been spent, and count that when it is more than it knows: shards
+There `watch_others()` makes it read, every half second (less often for a big journal) and
+in a thread, what the journal folder they share says has been spent, and count that when it is more than it knows: shards
 running at once see each other's answers, and can pass a cap only by what is sent within one
 refresh (at most every worker's requests in that time), not by a whole remainder each.
 """
@@ -98,8 +98,10 @@ class Budget:
             self.cost += cost_of(prompt_tokens, completion_tokens, price)
             self._answered += 1
 
-    def watch_others(self, every_s: float = 2.0) -> None:
-        """Count what other processes journal in the same folder too (see the module's docstring)."""
+    def watch_others(self, every_s: float = 0.5) -> None:
+        """Count what other processes journal in the same folder too (see the module's docstring):
+        read it every `every_s`, or every 10× what a read takes when that is longer (a big
+        journal: the reads stay a tenth of one thread's time)."""
         self._watch_every_s, self._watched_at = every_s, time.monotonic()  # the journal was read just now
 
     def refresh(self) -> None:
@@ -126,9 +128,12 @@ class Budget:
             self._watching, self._watched_at = True, now
 
         def refresh_then_rest() -> None:
+            started = time.monotonic()
             try:
                 self.refresh()
             finally:
+                took = time.monotonic() - started
+                self._watched_at = started + max(0.0, 10 * took - (self._watch_every_s or 0.0))
                 self._watching = False
 
         threading.Thread(target=refresh_then_rest, name="budget-refresh", daemon=True).start()

@@ -16,7 +16,7 @@ returns picklable records:
   role and shard, so workers on several processes or machines never write the same file.
   Answers already journaled (by any run, any worker) are replayed, not sent.
 - Budget: `budget:` caps are checked against the journal as it stands when the shard starts
-  plus this shard's own requests, and every 2 s against what the shared journal folder says
+  plus this shard's own requests, and every 0.5 s against what the shared journal folder says
   the other shards have spent since (`Budget.watch_others`): shards running at once can pass
   a cap by what they send within one such refresh. Workers on other machines (a URL
   `output_dir`) see each other's answers only as shards push their journals.
