@@ -35,7 +35,6 @@ from flows.detection.detectors import bag_classifier, combine, number_statistics
 from flows.detection.likelihood import likelihood_test
 from flows.detection.probe import run_probe
 from flows.inputs.number_prompts import NumberPrompt, draw_prompts
-from flows.models.budget import BudgetReached
 from flows.models.client import ClientStats, ModelClient
 from flows.models.embedded import EmbeddedServer
 from flows.models.journal import RequestJournal
@@ -81,9 +80,9 @@ def _shards(recipe: Recipe, prompts: list[NumberPrompt]) -> list[tuple[str, list
 
 async def _generate(recipe: Recipe, runner, journal: RequestJournal, servers: list[EmbeddedServer],
                     prompts: list[NumberPrompt], run_token: str, progress: RunProgress) -> pl.DataFrame:
-    """Every prompt to both teachers: all shards at once, here (each client bounds its
-    requests in flight) or on the recipe's cluster; a shard that fails leaves the others
-    running, and the error lists every prompt that got no completion."""
+    """Every prompt to both teachers, here (a few shards at a time per teacher, `shard_window`;
+    each client bounds its requests in flight) or on the recipe's cluster; a shard that fails
+    leaves the others running, and the error lists every prompt that got no completion."""
     if runner is None:
         results = await _generate_here(recipe, journal, servers, prompts, run_token, progress)
     else:
@@ -210,11 +209,8 @@ async def leakage(recipe_path: str | None = None, recipe: dict | None = None) ->
             trait_answers, control_answers = await probe_task(quote(recipe), quote(kept), quote(journal))
             behavioral = behavioral_result(trait_answers, control_answers, spec.trait)
             tests.append(behavioral.comparison)
-    except BudgetReached:
-        progress.finish("stopped by its budget")
-        raise
-    except BaseException:
-        progress.finish("failed")
+    except BaseException as error:
+        progress.failed(error)
         raise
     finally:
         for server in servers:

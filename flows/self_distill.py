@@ -36,7 +36,6 @@ from prefect.utilities.annotations import quote
 from flows.grading import GRADER_VERSION, Grader
 from flows.inputs.problems import load_problems
 from flows.inputs.prompts import load_prompt
-from flows.models.budget import BudgetReached
 from flows.models.client import ClientStats
 from flows.publishing.rounds import RoundSummary, plot_accuracy, summarise_round, summary_markdown
 from flows.publishing.self_distill_outputs import publish_round
@@ -292,11 +291,8 @@ async def self_distill(recipe_path: str | None = None, recipe: dict | None = Non
                 rounds.append(summary)
                 if summary.next_student:
                     student = trained_student(student, summary.next_student)
-    except BudgetReached:
-        progress.finish("stopped by its budget")
-        raise
-    except BaseException:
-        progress.finish("failed")
+    except BaseException as error:
+        progress.failed(error)
         raise
     finally:
         grader.close()

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+from flows.models.budget import BudgetReached
 from flows.models.client import ClientStats
 
 PROGRESS_FILE = "progress.json"
@@ -122,6 +123,10 @@ class RunProgress:
     def finish(self, state: str) -> None:
         self.state = state
         self.write(force=True)
+
+    def failed(self, error: BaseException) -> None:
+        """The run ends on `error`: stopped by its budget (a cap of `budget:`), or failed."""
+        self.finish("stopped by its budget" if isinstance(error, BudgetReached) else "failed")
 
     def snapshot(self) -> dict[str, Any]:
         now = time.time()
