@@ -128,6 +128,7 @@ async def _generate_on_workers(runner, recipe: Recipe, prompts: list[NumberPromp
     """One `numbers_shard_task` per teacher and shard on the recipe's Dask or Ray cluster;
     figures are counted as each shard returns (cached shards count no request)."""
     on_worker = numbers_shard_task.with_options(retries=recipe.shard_retries, result_storage=result_storage(recipe))
+    shared, mirror = for_workers(recipe), mirror_id(recipe)
     calls, names, stats = [], [], {}
     for teacher in number_teachers(recipe):
         stats[teacher.name] = ClientStats()
@@ -135,8 +136,8 @@ async def _generate_on_workers(runner, recipe: Recipe, prompts: list[NumberPromp
         for number, shard in _shards(recipe, prompts):
             names.append((teacher.name, f"{teacher.name}-{number}", len(shard)))
             calls.append({"key": content_key("numbers-shard", teacher.shard_key(run_token, shard)),
-                          "recipe": for_workers(recipe), "teacher": teacher.name, "prompts": shard,
-                          "shard": names[-1][1], "flow_mirror": mirror_id(recipe)})
+                          "recipe": shared, "teacher": teacher.name, "prompts": shard,
+                          "shard": names[-1][1], "flow_mirror": mirror})
 
     async def count(done: Finished) -> None:
         if done.failed:

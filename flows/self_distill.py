@@ -178,6 +178,7 @@ async def _shards_on_workers(runner, recipe: Recipe, student: StudentSpec, reuse
         await progress.publish()
         await asyncio.to_thread(push_state, recipe)
 
+    shared, mirror, reachable = for_workers(recipe), mirror_id(recipe), _reachable(student)
     calls = []
     for i, problems in enumerate(shards):
         ids = {p.id for p in problems}
@@ -185,8 +186,8 @@ async def _shards_on_workers(runner, recipe: Recipe, student: StudentSpec, reuse
         _, grade_key = _shard_keys(recipe, scope, problems)
         # the whole shard's result: selection, teacher parts and examples (stitched with the transitions) too
         key = content_key("round-shard", grade_key, recipe.self_distill, teachers, transitions)
-        calls.append({"key": key, "recipe": for_workers(recipe), "student": _reachable(student), "reused": own,
-                      "round_number": round_number, "index": i, "problems": problems, "flow_mirror": mirror_id(recipe)})
+        calls.append({"key": key, "recipe": shared, "student": reachable, "reused": own,
+                      "round_number": round_number, "index": i, "problems": problems, "flow_mirror": mirror})
     try:
         outcomes = await map_on_workers(runner, on_worker, calls, count)
     finally:
