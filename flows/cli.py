@@ -58,32 +58,52 @@ def _run_job(recipe: Path, job: str, logs: bool = False) -> dict:
         loaded = load_recipe(recipe, job=job)
     except RecipeError as exc:
         _fail(str(exc))
+    from flows.models.budget import BudgetReached
+    from flows.orchestration.terminal import ProgressBars
+
+    try:
+        with contextlib.nullcontext() if logs else ProgressBars(loaded.state_dir, console):
+            return asyncio.run(_run_flow(job, recipe, loaded, logs))
+    except BudgetReached as exc:
+        console.print(f"[bold yellow]stopped:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=BUDGET_EXIT_CODE) from None
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one clear message and exit 1
+        _fail(f"{type(exc).__name__}: {exc}")
+
+
+async def _run_flow(job: str, recipe: Path, loaded, logs: bool) -> dict:  # noqa: ANN001 - a Recipe
+    """Call the job's flow. A DualDistill run's first shards start first (a head start,
+    flows/orchestration/head_start.py) and Prefect is imported in a thread meanwhile, so the
+    first requests do not wait the ~2 s of its import and flow-run start."""
+    from flows.orchestration import head_start
+
+    if job == "dualdistill" and head_start.begin(loaded) is not None:
+        await asyncio.sleep(head_start.ALONE_S)
+    try:
+        job_flow = await asyncio.to_thread(_load_flow, job, logs)
+        return await job_flow(str(recipe))
+    finally:
+        await head_start.drop()  # a head start the flow never claimed (it failed first)
+
+
+def _load_flow(job: str, logs: bool):  # noqa: ANN202 - a Prefect flow
     if job == "dualdistill":
         from flows.dualdistill import dualdistill as job_flow
     elif job == "leakage":
         from flows.leakage import leakage as job_flow
     else:
         from flows.self_distill import self_distill as job_flow
-    from flows.orchestration.terminal import ProgressBars, quiet_prefect_console
+    from flows.orchestration.terminal import quiet_prefect_console
     from prefect.settings import PREFECT_API_URL
 
     if not logs:
         quiet_prefect_console()
     if not PREFECT_API_URL.value():
         console.print("no Prefect server configured (PREFECT_API_URL): starting a temporary one for this run, "
-                      "which costs several seconds before the first request; `prefect server start` and "
+                      "which costs several seconds before the flow starts; `prefect server start` and "
                       "`export PREFECT_API_URL=http://127.0.0.1:4200/api` skip that and keep the runs in its UI",
                       highlight=False, soft_wrap=True)
-    from flows.models.budget import BudgetReached
-
-    try:
-        with contextlib.nullcontext() if logs else ProgressBars(loaded.state_dir, console):
-            return asyncio.run(job_flow(str(recipe)))
-    except BudgetReached as exc:
-        console.print(f"[bold yellow]stopped:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=BUDGET_EXIT_CODE) from None
-    except Exception as exc:  # noqa: BLE001 - every failure becomes one clear message and exit 1
-        _fail(f"{type(exc).__name__}: {exc}")
+    return job_flow
 
 
 def _print_summary(summary: dict) -> None:

@@ -42,6 +42,8 @@ from flows.publishing.storage import check_output, output_location, pull_state, 
 from flows.models.budget import BudgetReached
 from flows.models.client import ClientStats
 from flows.teachers.runtime import Runtime, build_runtime, teacher_fingerprint
+from flows.orchestration import head_start
+from flows.orchestration.head_start import HeadStart
 from flows.orchestration.progress import RunProgress
 from flows.orchestration.runs import flow_run_name, push_to_hub_task
 from flows.orchestration.task_runners import Finished, for_workers, map_on_workers, workers
@@ -77,9 +79,11 @@ class RunFailed(RuntimeError):
 
 @task(name="answer-shard", cache_key_fn=key_parameter, persist_result=True, retries=1, retry_delay_seconds=5)
 async def answer_task(key: str, runtime: Runtime, role: str, shard: str, problems: list[Problem],
-                      progress: RunProgress) -> list[Trajectory]:
-    return await answer_shard(runtime.teacher(role), problems, shard, runtime.problem_slots(role),
-                              on_done=progress.ticker(f"answer[{role}]", shard))
+                      progress: RunProgress, head: HeadStart | None = None) -> list[Trajectory]:
+    on_done = progress.ticker(f"answer[{role}]", shard)
+    if head is not None and (started := head.take(role, shard, problems)) is not None:
+        return await started.answers(on_done)  # under way since before Prefect loaded
+    return await answer_shard(runtime.teacher(role), problems, shard, runtime.problem_slots(role), on_done=on_done)
 
 
 @task(name="grade-shard", cache_key_fn=key_parameter, persist_result=True)
@@ -110,8 +114,8 @@ async def publish_task(recipe: Recipe, summary: RunSummary, composites, trajecto
 
 
 async def _process_shard(
-    recipe: Recipe, answer_scopes: dict[str, str], runtime: Runtime, grader: Grader, progress: RunProgress,
-    windows: dict[str, asyncio.Semaphore], index: int, problems: list[Problem],
+    recipe: Recipe, answer_scopes: dict[str, str], runtime: Runtime, head: HeadStart | None, grader: Grader,
+    progress: RunProgress, windows: dict[str, asyncio.Semaphore], index: int, problems: list[Problem],
 ) -> tuple[list[GradedTrajectory], list[Composite], list[Rejected]]:
     shard = shard_name(index)
     answer_keys, grade_key, stitch_key = _stage_keys(recipe, answer_scopes, problems)
@@ -120,7 +124,8 @@ async def _process_shard(
     grade, stitch = (stage.with_options(result_storage=storage) for stage in (grade_task, stitch_task))
     async def answered_by(role: str) -> list[Trajectory]:
         async with windows[role]:
-            return await answer(answer_keys[role], quote(runtime), role, shard, quote(problems), quote(progress))
+            return await answer(answer_keys[role], quote(runtime), role, shard, quote(problems), quote(progress),
+                                quote(head))
 
     answers = await asyncio.gather(*(answered_by(role) for role in ("tool", "reasoning")), return_exceptions=True)
     errors = [outcome for outcome in answers if isinstance(outcome, BaseException)]
@@ -152,8 +157,10 @@ def _stage_keys(
 async def _run_here(
     recipe: Recipe, answer_scopes: dict[str, str], progress: RunProgress, shards: list[list[Problem]]
 ) -> tuple[list, dict[str, ClientStats], str, BudgetReached | None]:
-    """Every shard in this process's event loop (`execution.task_runner: threads`)."""
-    runtime = build_runtime(recipe)
+    """Every shard in this process's event loop (`execution.task_runner: threads`), the first
+    ones already under way if `distillery run` gave them a head start."""
+    head = await head_start.claim(recipe)
+    runtime = head.runtime if head is not None else build_runtime(recipe)
     grader = Grader(workers=1)
     problems = sum(len(shard) for shard in shards)
     for role in ("tool", "reasoning"):
@@ -163,11 +170,13 @@ async def _run_here(
                for role in ("tool", "reasoning")}
     try:
         outcomes = await asyncio.gather(
-            *(_process_shard(recipe, answer_scopes, runtime, grader, progress, windows, i, shard)
+            *(_process_shard(recipe, answer_scopes, runtime, head, grader, progress, windows, i, shard)
               for i, shard in enumerate(shards)),
             return_exceptions=True,
         )
     finally:
+        if head is not None:
+            await head.close()  # shards it started that the flow did not take (answers cached by Prefect)
         await runtime.aclose()
         grader.close()
         await asyncio.to_thread(push_state, recipe)

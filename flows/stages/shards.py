@@ -47,13 +47,18 @@ def split_shards(problems: Sequence[Problem], shard_size: int) -> list[list[Prob
     return [list(problems[i : i + shard_size]) for i in range(0, len(problems), shard_size)]
 
 
-def shard_window(in_flight: int, shard_size: int) -> asyncio.Semaphore:
+def shards_at_once(in_flight: int, shard_size: int) -> int:
     """How many shards one role answers at once, for `in_flight` problems under way: enough
     waiting problems to refill every slot while a shard finishes, so the endpoint never idles,
     and no more. Shards then start at once instead of setting up their Prefect task runs in
     lockstep (2.5 s before the first request with 40 shards), and finish, and are graded,
     in order rather than all at the end."""
-    return asyncio.Semaphore(max(2, -(-2 * in_flight // shard_size) + 1))
+    return max(2, -(-2 * in_flight // shard_size) + 1)
+
+
+def shard_window(in_flight: int, shard_size: int) -> asyncio.Semaphore:
+    """A semaphore of `shards_at_once` slots."""
+    return asyncio.Semaphore(shards_at_once(in_flight, shard_size))
 
 
 def scoped_run_token(state_dir: Path) -> str:

@@ -1,0 +1,136 @@
+"""A head start for `distillery run`: the first shards' requests go out while Prefect loads.
+
+Importing Prefect and starting a flow run take ~2 s on these machines before the flow's
+first task runs. So `distillery run` (with `execution.task_runner: threads` and a local
+`output_dir`) first builds the run's runtime (clients, journal, sandbox, budget) and
+starts each teacher's first window of shards with the very `answer_shard` the flow's
+answer task calls, in this event loop, and only then imports the flow and calls it.
+
+The flow takes the runtime over (`claim`), and the answer task of each of those shards
+awaits the answers already under way (`HeadStart.take`) instead of asking for them again.
+What the flow does not take (a shard whose answers Prefect had cached) is cancelled when
+it finishes; every answer received is journaled either way. A head start that cannot be
+set up (a bad problem file, no sandbox) is dropped without a word: the flow meets the same
+error and reports it as usual. Nothing here imports Prefect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from flows.inputs.problems import load_problems
+from flows.stages.shards import answer_shard, shard_name, shards_at_once, split_shards
+from flows.teachers.runtime import Runtime, build_runtime
+from schemas.recipe import Recipe
+from schemas.records import Problem, Trajectory
+
+log = logging.getLogger(__name__)
+
+ROLES = ("tool", "reasoning")
+# how long the first requests' set-up (journal lookups, connections) has the interpreter to
+# itself before Prefect's import in a thread competes with it for the GIL
+ALONE_S = 0.05
+
+
+@dataclass
+class StartedShard:
+    """One shard's answers under way, counting what finished before anyone watched."""
+
+    problems: list[Problem]
+    task: asyncio.Task[list[Trajectory]] | None = None
+    finished: int = 0
+    _on_done: Callable[[], None] | None = None
+
+    def tick(self) -> None:
+        self.finished += 1
+        if self._on_done is not None:
+            self._on_done()
+
+    async def answers(self, on_done: Callable[[], None]) -> list[Trajectory]:
+        """The shard's trajectories; `on_done` hears of every sample, those already finished at once."""
+        for _ in range(self.finished):
+            on_done()
+        self._on_done = on_done
+        assert self.task is not None
+        return await self.task
+
+
+@dataclass
+class HeadStart:
+    recipe: Recipe
+    runtime: Runtime
+    shards: dict[tuple[str, str], StartedShard] = field(default_factory=dict)
+
+    def take(self, role: str, shard: str, problems: list[Problem]) -> StartedShard | None:
+        """The answers already under way for this role's shard, once (a retry starts afresh)."""
+        started = self.shards.pop((role, shard), None)
+        if started is not None and started.problems != problems:
+            _cancel(started)
+            return None
+        return started
+
+    async def close(self) -> None:
+        """Cancel the shards nobody took; their received answers stay journaled."""
+        left, self.shards = list(self.shards.values()), {}
+        for started in left:
+            _cancel(started)
+        await asyncio.gather(*(s.task for s in left if s.task is not None), return_exceptions=True)
+
+
+_pending: HeadStart | None = None
+
+
+def begin(recipe: Recipe) -> HeadStart | None:
+    """Start the first shards of a DualDistill run now (in a running event loop), for the flow
+    to claim. None where the run does not answer in this process or cannot be set up."""
+    global _pending
+    if recipe.execution.task_runner != "threads" or recipe.remote_output is not None or recipe.teachers is None:
+        return None
+    try:
+        shards = split_shards(load_problems(recipe.problems), recipe.shard_size)
+        runtime = build_runtime(recipe)
+    except Exception:  # noqa: BLE001 - the flow meets the same error and reports it
+        log.debug("no head start", exc_info=True)
+        return None
+    head = HeadStart(recipe, runtime)
+    for role in ROLES:
+        teacher, slots = runtime.teacher(role), runtime.problem_slots(role)
+        for index, problems in enumerate(shards[: shards_at_once(runtime.problems_in_flight(role), recipe.shard_size)]):
+            started = StartedShard(problems)
+            started.task = asyncio.create_task(
+                answer_shard(teacher, problems, shard_name(index), slots, on_done=started.tick))
+            head.shards[(role, shard_name(index))] = started
+    _pending = head
+    return head
+
+
+async def claim(recipe: Recipe) -> HeadStart | None:
+    """The head start begun for this very recipe in this process, handed over once; any other
+    is closed (its runtime too)."""
+    global _pending
+    head, _pending = _pending, None
+    if head is None or head.recipe == recipe:
+        return head
+    await _close(head)
+    return None
+
+
+async def drop() -> None:
+    """Close a head start the flow never claimed (it failed before answering)."""
+    global _pending
+    head, _pending = _pending, None
+    if head is not None:
+        await _close(head)
+
+
+async def _close(head: HeadStart) -> None:
+    await head.close()
+    await head.runtime.aclose()
+
+
+def _cancel(started: StartedShard) -> None:
+    if started.task is not None:
+        started.task.cancel()
