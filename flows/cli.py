@@ -75,13 +75,14 @@ async def _run_flow(job: str, recipe: Path, loaded, logs: bool) -> dict:  # noqa
     """Call the job's flow. A DualDistill run's first shards start first (a head start,
     flows/orchestration/head_start.py) and Prefect is imported in a thread meanwhile, so the
     first requests do not wait the ~2 s of its import and flow-run start."""
-    from flows.orchestration import head_start
+    from flows.orchestration import head_start, heap
 
     if job == "dualdistill" and head_start.begin(loaded) is not None:
         await asyncio.sleep(head_start.ALONE_S)
     try:
         job_flow = await asyncio.to_thread(_load_flow, job, logs)
-        return await job_flow(str(recipe))
+        with heap.settling():  # finished shards' rows kept out of the garbage collector's walks
+            return await job_flow(str(recipe))
     finally:
         await head_start.drop()  # a head start the flow never claimed (it failed first)
 

@@ -42,7 +42,7 @@ from flows.publishing.storage import check_output, output_location, pull_state, 
 from flows.models.budget import BudgetReached
 from flows.models.client import ClientStats
 from flows.teachers.runtime import Runtime, build_runtime, teacher_fingerprint
-from flows.orchestration import head_start
+from flows.orchestration import head_start, heap
 from flows.orchestration.head_start import HeadStart
 from flows.orchestration.progress import RunProgress
 from flows.orchestration.runs import flow_run_name, push_to_hub_task
@@ -137,6 +137,7 @@ async def _process_shard(
     graded = await grade(grade_key, quote(grader), quote(trajectories), quote(problems), recipe.system_prompt)
     composites, rejected = await stitch(stitch_key, quote(recipe), quote(problems), quote(graded))
     progress.shard_done("grade", shard, len(graded), worked=True)
+    heap.settle()
     await progress.publish()
     await asyncio.to_thread(push_state, recipe)  # a URL output_dir: this shard's answers reach other machines
     return graded, composites, rejected
@@ -209,6 +210,7 @@ async def _run_on_workers(
                 add_stats(stats[role], result.stats[role])
         progress.shard_done("grade", name, len(result.graded), worked=True)
         sandbox = result.sandbox
+        heap.settle()
         await progress.publish()
         await asyncio.to_thread(push_state, recipe)
 

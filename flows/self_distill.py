@@ -43,6 +43,7 @@ from flows.publishing.storage import check_output, output_location, pull_state, 
 from flows.stages.remote_shard import RoundShardOutcome, run_round_shard
 from flows.stages.selection import round_stats
 from flows.stages.self_distillation import examples_of, pick_samples, reuse_index
+from flows.orchestration import heap
 from flows.orchestration.on_worker import add_stats, budget_stop, mirror_id
 from flows.orchestration.progress import RunProgress
 from flows.orchestration.runs import flow_run_name, push_to_hub_task
@@ -132,7 +133,9 @@ async def _shard(recipe: Recipe, runtime: StudentRuntime, grader: Grader, progre
     await progress.publish()
     await asyncio.to_thread(push_state, recipe)  # a URL output_dir: this shard's answers reach other machines
     examples, rejected = examples_of(picked, parts, problems, spec, round_number, recipe.system_prompt)
-    return RoundShardOutcome(graded, picked.stats, examples, rejected, runtime.student.client.stats)
+    outcome = RoundShardOutcome(graded, picked.stats, examples, rejected, runtime.student.client.stats)
+    heap.settle()
+    return outcome
 
 
 async def _shards_here(recipe: Recipe, student: StudentSpec, reused, grader: Grader, progress: RunProgress,
@@ -175,6 +178,7 @@ async def _shards_on_workers(runner, recipe: Recipe, student: StudentSpec, reuse
         progress.shard_done(finished_stage, name, len(problems), worked=not done.cached)
         if not done.cached:
             add_stats(stats, done.value.sampled)
+        heap.settle()
         await progress.publish()
         await asyncio.to_thread(push_state, recipe)
 
