@@ -6,8 +6,10 @@ first task runs. So `distillery run` (with `execution.task_runner: threads` and 
 starts each teacher's first window of shards with the very `answer_shard` the flow's
 answer task calls, in this event loop, and only then imports the flow and calls it.
 
-The flow takes the runtime over (`claim`), and the answer task of each of those shards
-awaits the answers already under way (`HeadStart.take`) instead of asking for them again.
+Until the flow takes the runtime over (`claim`), each teacher keeps as many shards under
+way as the flow would, starting the next as one finishes. The answer task of each of
+those shards then awaits the answers already under way (`HeadStart.take`) instead of
+asking for them again.
 What the flow does not take (a shard whose answers Prefect had cached) is cancelled when
 it finishes; every answer received is journaled either way. A head start that cannot be
 set up (a bad problem file, no sandbox) is dropped without a word: the flow meets the same
@@ -62,7 +64,9 @@ class StartedShard:
 class HeadStart:
     recipe: Recipe
     runtime: Runtime
-    shards: dict[tuple[str, str], StartedShard] = field(default_factory=dict)
+    shards: dict[tuple[str, str], StartedShard] = field(default_factory=dict)  # not taken yet
+    started: list[tuple[str, str]] = field(default_factory=list)  # (role, shard), in the order they started
+    feeders: list[asyncio.Task[None]] = field(default_factory=list)
 
     def take(self, role: str, shard: str, problems: list[Problem]) -> StartedShard | None:
         """The answers already under way for this role's shard, once (a retry starts afresh)."""
@@ -72,12 +76,31 @@ class HeadStart:
             return None
         return started
 
+    def stop_starting(self) -> None:
+        for feeder in self.feeders:
+            feeder.cancel()
+
     async def close(self) -> None:
-        """Cancel the shards nobody took; their received answers stay journaled."""
+        """Start no more shards; cancel those nobody took (their received answers stay journaled)."""
+        self.stop_starting()
         left, self.shards = list(self.shards.values()), {}
         for started in left:
             _cancel(started)
-        await asyncio.gather(*(s.task for s in left if s.task is not None), return_exceptions=True)
+        await asyncio.gather(*self.feeders, *(s.task for s in left if s.task is not None), return_exceptions=True)
+
+    async def _feed(self, role: str, shards: list[list[Problem]]) -> None:
+        """Keep the role's first shards under way, as many at once as the flow would have, starting
+        the next as one finishes, until the flow claims the head start."""
+        teacher, slots = self.runtime.teacher(role), self.runtime.problem_slots(role)
+        window = asyncio.Semaphore(shards_at_once(self.runtime.problems_in_flight(role), self.recipe.shard_size))
+        for index, problems in enumerate(shards):
+            await window.acquire()
+            started = StartedShard(problems)
+            started.task = asyncio.create_task(
+                answer_shard(teacher, problems, shard_name(index), slots, on_done=started.tick))
+            started.task.add_done_callback(lambda _: window.release())
+            self.shards[(role, shard_name(index))] = started
+            self.started.append((role, shard_name(index)))
 
 
 _pending: HeadStart | None = None
@@ -96,13 +119,7 @@ def begin(recipe: Recipe) -> HeadStart | None:
         log.debug("no head start", exc_info=True)
         return None
     head = HeadStart(recipe, runtime)
-    for role in ROLES:
-        teacher, slots = runtime.teacher(role), runtime.problem_slots(role)
-        for index, problems in enumerate(shards[: shards_at_once(runtime.problems_in_flight(role), recipe.shard_size)]):
-            started = StartedShard(problems)
-            started.task = asyncio.create_task(
-                answer_shard(teacher, problems, shard_name(index), slots, on_done=started.tick))
-            head.shards[(role, shard_name(index))] = started
+    head.feeders = [asyncio.create_task(head._feed(role, shards)) for role in ROLES]
     _pending = head
     return head
 
@@ -112,9 +129,11 @@ async def claim(recipe: Recipe) -> HeadStart | None:
     is closed (its runtime too)."""
     global _pending
     head, _pending = _pending, None
-    if head is None or head.recipe == recipe:
+    if head is not None and head.recipe == recipe:
+        head.stop_starting()  # from here the flow starts shards
         return head
-    await _close(head)
+    if head is not None:
+        await _close(head)
     return None
 
 
