@@ -50,6 +50,7 @@ from flows.orchestration.task_runners import Finished, for_workers, map_on_worke
 from flows.orchestration.on_worker import add_stats, budget_stop, mirror_id
 from flows.stages.remote_shard import ShardOutcome, run_shard
 from flows.stages.shards import (
+    PERSISTED,
     ShardFailed,
     answer_shard,
     content_key,
@@ -77,7 +78,7 @@ class RunFailed(RuntimeError):
 # a sync Prefect client of its own (~50 ms of blocked loop each, per shard).
 
 
-@task(name="answer-shard", cache_key_fn=key_parameter, persist_result=True, retries=1, retry_delay_seconds=5)
+@task(name="answer-shard", cache_key_fn=key_parameter, **PERSISTED, retries=1, retry_delay_seconds=5)
 async def answer_task(key: str, runtime: Runtime, role: str, shard: str, problems: list[Problem],
                       progress: RunProgress, head: HeadStart | None = None) -> list[Trajectory]:
     on_done = progress.ticker(f"answer[{role}]", shard)
@@ -86,7 +87,7 @@ async def answer_task(key: str, runtime: Runtime, role: str, shard: str, problem
     return await answer_shard(runtime.teacher(role), problems, shard, runtime.problem_slots(role), on_done=on_done)
 
 
-@task(name="grade-shard", cache_key_fn=key_parameter, persist_result=True)
+@task(name="grade-shard", cache_key_fn=key_parameter, **PERSISTED)
 async def grade_task(
     key: str, grader: Grader, trajectories: list[Trajectory], problems: list[Problem], system_prompt: str | None
 ) -> list[GradedTrajectory]:
@@ -94,7 +95,7 @@ async def grade_task(
     return await asyncio.to_thread(grade_shard, trajectories, problems, grader, system_prompt)
 
 
-@task(name="stitch-shard", cache_key_fn=key_parameter, persist_result=True)
+@task(name="stitch-shard", cache_key_fn=key_parameter, **PERSISTED)
 async def stitch_task(key: str, recipe: Recipe, problems: list[Problem], graded: list[GradedTrajectory]):
     spec = recipe.stitching
     return await asyncio.to_thread(stitch_shard, problems, graded, load_prompt(spec.transitions), spec.order,

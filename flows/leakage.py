@@ -48,13 +48,13 @@ from flows.publishing.storage import check_output, output_location, pull_state, 
 from flows.stages.number_filter import REASONS, banned_numbers, filter_completions, pass_rates
 from flows.stages.number_generation import GenerationFailed
 from flows.stages.remote_shard import NumbersOutcome, run_numbers_shard
-from flows.stages.shards import content_key, key_parameter, scoped_run_token, shard_window
+from flows.stages.shards import PERSISTED, content_key, key_parameter, scoped_run_token, shard_window
 from flows.teachers.number_teachers import NumberTeacher, leakage_budget, number_teachers
 from flows.teachers.runtime import journal_dir
 from schemas.recipe import Recipe, flow_recipe
 
 
-@task(name="number-completions", cache_key_fn=key_parameter, persist_result=True, retry_delay_seconds=5)
+@task(name="number-completions", cache_key_fn=key_parameter, **PERSISTED, retry_delay_seconds=5)
 async def completions_task(key: str, teacher: NumberTeacher, client: ModelClient, prompts: list[NumberPrompt],
                            shard: str, progress: RunProgress) -> list[dict]:
     return await teacher.complete(client, prompts, shard, on_done=progress.ticker(f"numbers[{teacher.name}]", shard))

@@ -49,6 +49,7 @@ from flows.orchestration.progress import RunProgress
 from flows.orchestration.runs import flow_run_name, push_to_hub_task
 from flows.orchestration.task_runners import Finished, for_workers, map_on_workers, workers
 from flows.stages.shards import (
+    PERSISTED,
     answer_shard,
     content_key,
     grade_shard,
@@ -73,19 +74,19 @@ from schemas.records import GradedTrajectory, Problem, SelfDistillExample, SelfD
 STAGE_VERSION = "1"
 
 
-@task(name="sample-shard", cache_key_fn=key_parameter, persist_result=True, retries=1, retry_delay_seconds=5)
+@task(name="sample-shard", cache_key_fn=key_parameter, **PERSISTED, retries=1, retry_delay_seconds=5)
 async def sample_task(key: str, runtime: StudentRuntime, shard: str, problems: list[Problem], k: int,
                       progress: RunProgress, stage: str):
     return await answer_shard(runtime.student, problems, shard, runtime.slots(), samples=k,
                               on_done=progress.ticker(stage, shard))
 
 
-@task(name="grade-samples", cache_key_fn=key_parameter, persist_result=True)
+@task(name="grade-samples", cache_key_fn=key_parameter, **PERSISTED)
 async def grade_task(key: str, grader: Grader, samples, problems: list[Problem], system_prompt: str | None):
     return await asyncio.to_thread(grade_shard, samples, problems, grader, system_prompt)
 
 
-@task(name="teacher-part", cache_key_fn=key_parameter, persist_result=True, retries=1, retry_delay_seconds=5)
+@task(name="teacher-part", cache_key_fn=key_parameter, **PERSISTED, retries=1, retry_delay_seconds=5)
 async def teacher_part_task(key: str, runtime: StudentRuntime, grader: Grader, shard: str, needed, problems):
     return await runtime.teacher_parts(needed, problems, grader, shard)
 
