@@ -34,10 +34,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.utilities.annotations import quote
 
 from flows.grading import GRADER_VERSION, Grader
-from flows.publishing.outputs import preload_publishing, publish_outputs
+from flows.publishing.outputs import preload_publishing, publish_outputs, row_spool
 from flows.inputs.problems import load_problems
 from flows.inputs.prompts import load_prompt
-from flows.publishing.report import RunSummary, summarise, summary_markdown
+from flows.publishing.report import RunSummary, combine, summarise, summary_markdown
+from flows.publishing.spool import RowSpool
 from flows.publishing.storage import check_output, output_location, pull_state, push_outputs, push_state, result_storage
 from flows.models.budget import BudgetReached
 from flows.models.client import ClientStats
@@ -63,7 +64,7 @@ from flows.stages.shards import (
 )
 from flows.stages.stitching import stitch_shard
 from schemas.recipe import Recipe, flow_recipe
-from schemas.records import Composite, GradedTrajectory, Problem, Rejected, Trajectory
+from schemas.records import GradedTrajectory, Problem, Trajectory
 
 STAGE_VERSION = "2"  # bump when a stage's output format changes, to invalidate cached results
 
@@ -109,15 +110,16 @@ async def shard_task(key: str, recipe: Recipe, index: int, problems: list[Proble
 
 
 @task(name="publish")
-async def publish_task(recipe: Recipe, summary: RunSummary, composites, trajectories, rejected) -> dict[str, str]:
-    published = await asyncio.to_thread(publish_outputs, recipe, summary, composites, trajectories, rejected)
+async def publish_task(recipe: Recipe, summary: RunSummary, spool: RowSpool) -> dict[str, str]:
+    published = await asyncio.to_thread(publish_outputs, recipe, summary, spool)
     return {name: output_location(recipe, dataset.path) for name, dataset in published.items()}
 
 
 async def _process_shard(
     recipe: Recipe, answer_scopes: dict[str, str], runtime: Runtime, head: HeadStart | None, grader: Grader,
-    progress: RunProgress, windows: dict[str, asyncio.Semaphore], index: int, problems: list[Problem],
-) -> tuple[list[GradedTrajectory], list[Composite], list[Rejected]]:
+    progress: RunProgress, spool: RowSpool, windows: dict[str, asyncio.Semaphore], index: int, problems: list[Problem],
+) -> RunSummary:
+    """One shard answered, graded and stitched; its rows go to the spool, its figures are returned."""
     shard = shard_name(index)
     answer_keys, grade_key, stitch_key = _stage_keys(recipe, answer_scopes, problems)
     storage = result_storage(recipe)  # None: Prefect's default; for a URL output_dir, beside the journal
@@ -138,10 +140,12 @@ async def _process_shard(
     graded = await grade(grade_key, quote(grader), quote(trajectories), quote(problems), recipe.system_prompt)
     composites, rejected = await stitch(stitch_key, quote(recipe), quote(problems), quote(graded))
     progress.shard_done("grade", shard, len(graded), worked=True)
+    await asyncio.to_thread(spool.add, index, {"composites": composites, "trajectories": graded, "rejected": rejected})
+    figures = summarise(recipe.run_name, len(problems), graded, composites, rejected)
     heap.settle()
     await progress.publish()
     await asyncio.to_thread(push_state, recipe)  # a URL output_dir: this shard's answers reach other machines
-    return graded, composites, rejected
+    return figures
 
 
 def _stage_keys(
@@ -157,7 +161,7 @@ def _stage_keys(
 
 
 async def _run_here(
-    recipe: Recipe, answer_scopes: dict[str, str], progress: RunProgress, shards: list[list[Problem]]
+    recipe: Recipe, answer_scopes: dict[str, str], progress: RunProgress, spool: RowSpool, shards: list[list[Problem]]
 ) -> tuple[list, dict[str, ClientStats], str, BudgetReached | None]:
     """Every shard in this process's event loop (`execution.task_runner: threads`), the first
     ones already under way if `distillery run` gave them a head start."""
@@ -172,7 +176,7 @@ async def _run_here(
                for role in ("tool", "reasoning")}
     try:
         outcomes = await asyncio.gather(
-            *(_process_shard(recipe, answer_scopes, runtime, head, grader, progress, windows, i, shard)
+            *(_process_shard(recipe, answer_scopes, runtime, head, grader, progress, spool, windows, i, shard)
               for i, shard in enumerate(shards)),
             return_exceptions=True,
         )
@@ -188,10 +192,12 @@ async def _run_here(
 
 
 async def _run_on_workers(
-    runner, recipe: Recipe, answer_scopes: dict[str, str], progress: RunProgress, shards: list[list[Problem]]
+    runner, recipe: Recipe, answer_scopes: dict[str, str], progress: RunProgress, spool: RowSpool,
+    shards: list[list[Problem]],
 ) -> tuple[list, dict[str, ClientStats], str, BudgetReached | None]:
     """One `shard_task` per shard on the recipe's Dask or Ray cluster; progress and request
-    figures are counted as each shard returns (cached shards count no request)."""
+    figures are counted as each shard returns (cached shards count no request), and its rows
+    go to the spool."""
     stats = {role: ClientStats() for role in ("tool", "reasoning")}
     problems = sum(len(shard) for shard in shards)
     for role in ("tool", "reasoning"):
@@ -199,6 +205,7 @@ async def _run_on_workers(
     progress.stage("grade", 2 * problems, "answers")
     on_worker = shard_task.with_options(retries=recipe.shard_retries, result_storage=result_storage(recipe))
     sandbox = "unknown"
+    figures: dict[int, RunSummary] = {}
 
     async def count(done: Finished) -> None:
         nonlocal sandbox
@@ -211,6 +218,11 @@ async def _run_on_workers(
                 add_stats(stats[role], result.stats[role])
         progress.shard_done("grade", name, len(result.graded), worked=True)
         sandbox = result.sandbox
+        rows = {"composites": result.composites, "trajectories": result.graded, "rejected": result.rejected}
+        await asyncio.to_thread(spool.add, done.index, rows)
+        figures[done.index] = summarise(recipe.run_name, len(shards[done.index]), result.graded, result.composites,
+                                        result.rejected)
+        result.graded, result.composites, result.rejected = [], [], []  # on disk now
         heap.settle()
         await progress.publish()
         await asyncio.to_thread(push_state, recipe)
@@ -225,7 +237,7 @@ async def _run_on_workers(
     finally:
         await asyncio.to_thread(push_state, recipe)
     stopped = budget_stop(outcomes)
-    outcomes = [(o.graded, o.composites, o.rejected) if isinstance(o, ShardOutcome) else o for o in outcomes]
+    outcomes = [figures[i] if isinstance(o, ShardOutcome) else o for i, o in enumerate(outcomes)]
     return outcomes, stats, sandbox, stopped
 
 
@@ -258,11 +270,14 @@ async def dualdistill(recipe_path: str | None = None, recipe: dict | None = None
     }
     progress = RunProgress(recipe.state_dir, recipe.run_name, "dualdistill")
     preloaded = asyncio.create_task(asyncio.to_thread(preload_publishing))
+    spool = row_spool(recipe)
+    spool.clear()
     async with workers(recipe.execution) as runner:  # None: this process's event loop
         if runner is None:
-            outcomes, stats, sandbox, stopped = await _run_here(recipe, answer_scopes, progress, shards)
+            outcomes, stats, sandbox, stopped = await _run_here(recipe, answer_scopes, progress, spool, shards)
         else:
-            outcomes, stats, sandbox, stopped = await _run_on_workers(runner, recipe, answer_scopes, progress, shards)
+            outcomes, stats, sandbox, stopped = await _run_on_workers(runner, recipe, answer_scopes, progress, spool,
+                                                                      shards)
     failures = [o for o in outcomes if isinstance(o, BaseException)]
     await progress.publish(force=True)
     if failures:
@@ -271,15 +286,13 @@ async def dualdistill(recipe_path: str | None = None, recipe: dict | None = None
             raise stopped
         raise RunFailed(_failure_message(failures))
 
-    graded = [t for g, _, _ in outcomes for t in g]
-    composites = [c for _, cs, _ in outcomes for c in cs]
-    rejected = [r for _, _, rs in outcomes for r in rs]
-    summary = summarise(recipe.run_name, len(problems), graded, composites, rejected)
+    summary = combine(recipe.run_name, len(problems), outcomes)
     summary.sandbox, summary.grader = sandbox, GRADER_VERSION
     summary.sent_this_run = {role: s.sent for role, s in stats.items()}
     summary.reused_across_budget = {role: s.reused_across_budget for role, s in stats.items()}
     await preloaded
-    summary.datasets = await publish_task(quote(recipe), quote(summary), quote(composites), quote(graded), quote(rejected))
+    summary.datasets = await publish_task(quote(recipe), quote(summary), quote(spool))
+    spool.remove()
     summary.wall_s = round(time.perf_counter() - started, 2)
     progress.finish("completed")
 

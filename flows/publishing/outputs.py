@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import yaml
 
 from flows.publishing.report import RunSummary, cases_markdown, teachers_markdown, wrong_reasons_markdown
+from flows.publishing.spool import RowSpool
 from schemas.recipe import Recipe
 from schemas.records import Composite, GradedTrajectory, Rejected
 
 if TYPE_CHECKING:
     from flows.publishing.parquet import PublishedDataset
+
+DATASETS = {"composites": Composite, "trajectories": GradedTrajectory, "rejected": Rejected}
 
 DESCRIPTIONS = {
     "composites": (
@@ -54,27 +56,22 @@ def preload_publishing() -> None:
     import flows.publishing.parquet  # noqa: F401
 
 
-def publish_outputs(
-    recipe: Recipe,
-    summary: RunSummary,
-    composites: Sequence[Composite],
-    trajectories: Sequence[GradedTrajectory],
-    rejected: Sequence[Rejected],
-) -> dict[str, PublishedDataset]:
+def row_spool(recipe: Recipe) -> RowSpool:
+    """Where a DualDistill run keeps its finished shards' rows until it publishes them."""
+    return RowSpool(recipe.state_dir / "spool", DATASETS)
+
+
+def publish_outputs(recipe: Recipe, summary: RunSummary, spool: RowSpool) -> dict[str, PublishedDataset]:
+    """The three datasets from the run's spooled rows, in shard order, each with its card."""
     # here, not at the top: `datasets` takes ~0.9 s to import, which would delay a run's first request
     from flows.publishing.parquet import DatasetCardInfo, features_for, publish_dataset
 
     sections = _card_sections(recipe, summary)
-    tables = {
-        "composites": (composites, Composite),
-        "trajectories": (trajectories, GradedTrajectory),
-        "rejected": (rejected, Rejected),
-    }
     published = {}
-    for name, (rows, model) in tables.items():
+    for name, model in DATASETS.items():
         card = DatasetCardInfo(
             title=f"{recipe.run_name} — {name}", description=DESCRIPTIONS[name], sections=sections,
             tags=["distillery", "dualdistill", "synthetic", "math"],
         )
-        published[name] = publish_dataset(recipe.work_dir / name, rows, features_for(model), card)
+        published[name] = publish_dataset(recipe.work_dir / name, spool.rows(name), features_for(model), card)
     return published

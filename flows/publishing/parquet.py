@@ -25,7 +25,7 @@ import re
 import shutil
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -72,6 +72,15 @@ class DatasetCardInfo:
     description: str  # one paragraph: what a row is
     sections: dict[str, str]  # section title -> markdown body, rendered in insertion order
     tags: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CheckedTables:
+    """Rows already checked and converted to the dataset's Arrow schema (`checked_table`),
+    e.g. a run's spooled shards: how many, and a way to read them in order."""
+
+    num_rows: int
+    tables: Callable[[], Iterator[pa.Table]]
 
 
 @dataclass(frozen=True)
@@ -142,7 +151,7 @@ def _feature_for_annotation(annotation: Any) -> FeatureType:
 
 def publish_dataset(
     folder: Path,
-    rows: Sequence[dict] | Sequence[pydantic.BaseModel],
+    rows: Sequence[dict] | Sequence[pydantic.BaseModel] | CheckedTables,
     features: datasets.Features,
     card: DatasetCardInfo,
     *,
@@ -168,7 +177,7 @@ def publish_dataset(
         raise
     return PublishedDataset(
         path=folder,
-        num_rows=len(rows),
+        num_rows=rows.num_rows if isinstance(rows, CheckedTables) else len(rows),
         files=[folder / w.relpath for w in written],
         checksum=checksum,
     )
@@ -176,26 +185,60 @@ def publish_dataset(
 
 def _write_data_files(
     staging: Path,
-    rows: Sequence[dict] | Sequence[pydantic.BaseModel],
+    rows: Sequence[dict] | Sequence[pydantic.BaseModel] | CheckedTables,
     features: datasets.Features,
     rows_per_file: int,
     split: str,
 ) -> list[_WrittenFile]:
     (staging / "data").mkdir(parents=True)
-    nested = [(key, feature) for key, feature in features.items() if _has_struct(feature)]
-    # Zero rows still give one (empty) file, so the schema is on disk.
-    starts = range(0, max(len(rows), 1), rows_per_file)
+    if isinstance(rows, CheckedTables):
+        total, tables = rows.num_rows, rows.tables()
+    else:
+        total, tables = len(rows), _checked_chunks(rows, features, rows_per_file)
+    files = max(1, -(-total // rows_per_file))  # zero rows still give one (empty) file: the schema is on disk
     written = []
-    for index, start in enumerate(starts):
-        chunk = rows[start : start + rows_per_file]
-        checked = [
-            _checked_row(row, features, nested, start + offset) for offset, row in enumerate(chunk)
-        ]
-        table = _to_table(checked, features.arrow_schema, start)
-        relpath = f"data/{split}-{index:05d}-of-{len(starts):05d}.parquet"
+    for index, table in enumerate(_in_files(tables, rows_per_file, features.arrow_schema)):
+        relpath = f"data/{split}-{index:05d}-of-{files:05d}.parquet"
         _write_parquet(table, staging / relpath)
         written.append(_describe_file(staging, relpath, table))
+    if len(written) != files or sum(w.rows for w in written) != total:
+        raise ValueError(f"expected {total} rows in {files} file(s), read {sum(w.rows for w in written)}")
     return written
+
+
+def checked_table(rows: Sequence[dict] | Sequence[pydantic.BaseModel], features: datasets.Features,
+                  first_index: int = 0) -> pa.Table:
+    """`rows` as a table of exactly `features.arrow_schema`, refusing unknown and missing keys
+    (errors name the row: `first_index` + its position)."""
+    nested = [(key, feature) for key, feature in features.items() if _has_struct(feature)]
+    checked = [_checked_row(row, features, nested, first_index + offset) for offset, row in enumerate(rows)]
+    return _to_table(checked, features.arrow_schema, first_index)
+
+
+def _checked_chunks(rows: Sequence, features: datasets.Features, rows_per_file: int) -> Iterator[pa.Table]:
+    for start in range(0, len(rows), rows_per_file):
+        yield checked_table(rows[start : start + rows_per_file], features, start)
+
+
+def _in_files(tables: Iterable[pa.Table], rows_per_file: int, schema: pa.Schema) -> Iterator[pa.Table]:
+    """The rows of `tables`, in order, regrouped `rows_per_file` to a table (the last one
+    shorter); one empty table for no rows."""
+    pending: list[pa.Table] = []
+    count, any_yielded = 0, False
+    for table in tables:
+        while table.num_rows:
+            take = min(rows_per_file - count, table.num_rows)
+            pending.append(table.slice(0, take) if take < table.num_rows else table)
+            count, table = count + take, table.slice(take)
+            if count == rows_per_file:
+                yield _joined(pending)
+                pending, count, any_yielded = [], 0, True
+    if pending or not any_yielded:
+        yield _joined(pending) if pending else pa.Table.from_pylist([], schema=schema)
+
+
+def _joined(tables: list[pa.Table]) -> pa.Table:
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables).combine_chunks()
 
 
 def _checked_row(

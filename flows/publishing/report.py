@@ -87,6 +87,25 @@ def summarise(
     return RunSummary(run_name, problems, len(composites), len(rejected), dict(cases), teachers)
 
 
+def combine(run_name: str, problems: int, parts: Sequence[RunSummary]) -> RunSummary:
+    """One summary of a run from its shards' summaries (`summarise` of each), in shard order:
+    the same figures as `summarise` of all their rows at once."""
+    cases = Counter({case: 0 for case in CASES})
+    teachers: dict[str, TeacherSummary] = {}
+    for part in parts:
+        cases.update(part.cases)
+        for role, s in part.teachers.items():
+            total = teachers.setdefault(role, TeacherSummary(model=s.model))
+            for name in ("answers", "correct", "prompt_tokens", "completion_tokens", "requests", "replayed_requests",
+                         "tool_calls", "tool_errors", "truncated"):
+                setattr(total, name, getattr(total, name) + getattr(s, name))
+            for mine, theirs in ((total.graded_by, s.graded_by), (total.wrong_by_reason, s.wrong_by_reason)):
+                for key, count in theirs.items():
+                    mine[key] = mine.get(key, 0) + count
+    return RunSummary(run_name, problems, sum(p.composites for p in parts), sum(p.rejected for p in parts),
+                      dict(cases), teachers)
+
+
 def cases_markdown(summary: RunSummary) -> str:
     rows = "\n".join(f"| `{case}` | {summary.cases.get(case, 0)} |" for case in CASES)
     return f"| case | pairs |\n|---|---|\n{rows}"
