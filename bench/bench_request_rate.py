@@ -10,7 +10,7 @@ Then, in turn:
   flight each, sending the same number of requests (2 × problems) and nothing else;
 - ours: `distillery run` on `--problems` problems × 2 teachers (one request each), the same
   concurrency, from spawning the command to its exit (imports, Prefect, grading, stitching and
-  publishing included).
+  publishing included), and its peak memory.
 
 Each prints its rate as a share of the ideal 2 × concurrency / latency requests per second.
 """
@@ -88,9 +88,13 @@ def main() -> None:
                                   run_name="bench-rate")
             _set_teacher_options(recipe, {"max_concurrency": args.concurrency, "max_retries": 2, "timeout_s": 30})
             started = time.time()
-            subprocess.run([str(ROOT / ".venv" / "bin" / "distillery"), "run", str(recipe)], check=True,
-                           capture_output=True, env={**os.environ, "PREFECT_API_URL": api}, cwd=ROOT)
+            ours = subprocess.Popen([str(ROOT / ".venv" / "bin" / "distillery"), "run", str(recipe)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    env={**os.environ, "PREFECT_API_URL": api}, cwd=ROOT)
+            _, status, usage = os.wait4(ours.pid, 0)  # its peak memory (and that of the grader it waited for)
             ended = time.time()
+            if status:
+                raise SystemExit(f"distillery run failed: wait status {status}")
             ours_s = ended - started
             with urllib.request.urlopen(base_url + "/_stats") as reply:  # request arrival times per teacher
                 arrivals = sorted(t for role, times in json.load(reply).items() if role != "cpu_s"
@@ -103,7 +107,7 @@ def main() -> None:
           f"ideal {ideal:.0f} req/s")
     for name, wall in (("bare aiohttp", bare_s), ("distillery run (whole process)", ours_s)):
         print(f"{name:<32} {wall:7.2f} s  {requests / wall:7.1f} req/s  {requests / wall / ideal:6.1%} of ideal")
-    print(f"ours / bare: {bare_s / ours_s:.3f}")
+    print(f"ours / bare: {bare_s / ours_s:.3f}; peak RSS of distillery run: {usage.ru_maxrss / 1024:.0f} MB")
     span = arrivals[-1] + args.latency - arrivals[0]
     print(f"ours, decomposed: {arrivals[0] - started:.2f} s to the first request, {span:.2f} s from it to the last "
           f"answer ({requests / span / ideal:.1%} of ideal in that span), {ended - arrivals[-1] - args.latency:.2f} s "

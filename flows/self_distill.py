@@ -37,8 +37,9 @@ from flows.grading import GRADER_VERSION, Grader
 from flows.inputs.problems import load_problems
 from flows.inputs.prompts import load_prompt
 from flows.models.client import ClientStats
-from flows.publishing.rounds import RoundSummary, plot_accuracy, summarise_round, summary_markdown
-from flows.publishing.self_distill_outputs import publish_round
+from flows.publishing.rounds import RoundSummary, RowFigures, plot_accuracy, summarise_round, summary_markdown
+from flows.publishing.self_distill_outputs import publish_round, round_spool
+from flows.publishing.spool import RowSpool
 from flows.publishing.storage import check_output, output_location, pull_state, push_outputs, push_state, result_storage
 from flows.stages.remote_shard import RoundShardOutcome, run_round_shard
 from flows.stages.selection import round_stats
@@ -69,7 +70,7 @@ from flows.teachers.students import (
 )
 from flows.training.trainers import make_trainer
 from schemas.recipe import Recipe, StudentSpec, flow_recipe
-from schemas.records import GradedTrajectory, Problem, SelfDistillExample, SelfDistillRejected
+from schemas.records import GradedTrajectory, Problem
 
 STAGE_VERSION = "1"
 
@@ -113,7 +114,7 @@ def _shard_keys(recipe: Recipe, scope: str, problems: list[Problem]) -> tuple[st
 
 
 async def _shard(recipe: Recipe, runtime: StudentRuntime, grader: Grader, progress: RunProgress, scope: str,
-                 window: asyncio.Semaphore, index: int, problems: list[Problem], round_number: int
+                 spool: RowSpool, window: asyncio.Semaphore, index: int, problems: list[Problem], round_number: int
                  ) -> RoundShardOutcome:
     spec = recipe.self_distill
     shard = f"r{round_number}-{shard_name(index)}"
@@ -135,12 +136,21 @@ async def _shard(recipe: Recipe, runtime: StudentRuntime, grader: Grader, progre
     await asyncio.to_thread(push_state, recipe)  # a URL output_dir: this shard's answers reach other machines
     examples, rejected = examples_of(picked, parts, problems, spec, round_number, recipe.system_prompt)
     outcome = RoundShardOutcome(graded, picked.stats, examples, rejected, runtime.student.client.stats)
+    await asyncio.to_thread(_spool_rows, spool, index, outcome)
     heap.settle()
     return outcome
 
 
+def _spool_rows(spool: RowSpool, index: int, outcome: RoundShardOutcome) -> None:
+    """A finished shard's rows to the round's spool; the outcome keeps their figures and its stats."""
+    spool.add(index, {"examples": outcome.examples, "samples": outcome.graded, "rejected": outcome.rejected})
+    outcome.rows = RowFigures.of(outcome.graded, outcome.examples, outcome.rejected)
+    outcome.graded, outcome.examples, outcome.rejected = [], [], []
+
+
 async def _shards_here(recipe: Recipe, student: StudentSpec, reused, grader: Grader, progress: RunProgress,
-                       scope: str, shards: list[list[Problem]], round_number: int) -> tuple[list, ClientStats]:
+                       scope: str, spool: RowSpool, shards: list[list[Problem]], round_number: int
+                       ) -> tuple[list, ClientStats]:
     """Every shard of the round in this process's event loop, over one student runtime."""
     runtime = build_student_runtime(recipe, student, reused)
     progress.stage(f"sample[r{round_number}]", _samples(recipe, shards), "samples", runtime.student.client.stats)
@@ -148,7 +158,7 @@ async def _shards_here(recipe: Recipe, student: StudentSpec, reused, grader: Gra
     window = shard_window(runtime.samples_in_flight(), recipe.shard_size * recipe.self_distill.k)
     try:
         outcomes = await asyncio.gather(
-            *(_shard(recipe, runtime, grader, progress, scope, window, i, shard, round_number)
+            *(_shard(recipe, runtime, grader, progress, scope, spool, window, i, shard, round_number)
               for i, shard in enumerate(shards)),
             return_exceptions=True,
         )
@@ -160,7 +170,8 @@ async def _shards_here(recipe: Recipe, student: StudentSpec, reused, grader: Gra
 
 
 async def _shards_on_workers(runner, recipe: Recipe, student: StudentSpec, reused, progress: RunProgress,
-                             scope: str, shards: list[list[Problem]], round_number: int) -> tuple[list, ClientStats]:
+                             scope: str, spool: RowSpool, shards: list[list[Problem]], round_number: int
+                             ) -> tuple[list, ClientStats]:
     """One `round_shard_task` per shard on the recipe's Dask or Ray cluster, each with the
     reused teacher parts of its own problems only."""
     stats = ClientStats()
@@ -179,6 +190,7 @@ async def _shards_on_workers(runner, recipe: Recipe, student: StudentSpec, reuse
         progress.shard_done(finished_stage, name, len(problems), worked=not done.cached)
         if not done.cached:
             add_stats(stats, done.value.sampled)
+        await asyncio.to_thread(_spool_rows, spool, done.index, done.value)
         heap.settle()
         await progress.publish()
         await asyncio.to_thread(push_state, recipe)
@@ -223,23 +235,24 @@ async def _round(recipe: Recipe, runner, student: StudentSpec, reused, grader: G
     started = time.perf_counter()
     scope = content_key("self-distill", STAGE_VERSION, run_token, round_number, student_scope(recipe, student),
                         recipe.self_distill.k)
+    spool = round_spool(recipe, round_number)
+    spool.clear()
     if runner is None:
-        outcomes, stats = await _shards_here(recipe, student, reused, grader, progress, scope, shards, round_number)
+        outcomes, stats = await _shards_here(recipe, student, reused, grader, progress, scope, spool, shards,
+                                             round_number)
     else:
-        outcomes, stats = await _shards_on_workers(runner, recipe, student, reused, progress, scope, shards,
+        outcomes, stats = await _shards_on_workers(runner, recipe, student, reused, progress, scope, spool, shards,
                                                    round_number)
     failures = [o for o in outcomes if isinstance(o, BaseException)]
     await progress.publish(force=True)
     if failures:
         raise RuntimeError(f"round {round_number}: {len(failures)} shard(s) failed; answers so far are journaled, "
                            f"rerun to resume. First: {type(failures[0]).__name__}: {failures[0]}")
-    graded = [g for outcome in outcomes for g in outcome.graded]
-    examples: list[SelfDistillExample] = [e for outcome in outcomes for e in outcome.examples]
-    rejected: list[SelfDistillRejected] = [r for outcome in outcomes for r in outcome.rejected]
     summary = summarise_round(round_number, student_name(student),
                               round_stats(pl.concat([outcome.stats for outcome in outcomes])),
-                              graded, examples, rejected, sent=stats.sent)
-    summary.datasets = publish_round(recipe, summary, examples, graded, rejected)
+                              sum((outcome.rows for outcome in outcomes), RowFigures()), sent=stats.sent)
+    summary.datasets = publish_round(recipe, summary, spool)
+    spool.remove()
     summary.wall_s = round(time.perf_counter() - started, 2)
     return summary
 

@@ -7,7 +7,7 @@ The same `RoundSummary` feeds the CLI table, the Prefect artifact, the dataset c
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from schemas.records import GradedTrajectory, SelfDistillExample, SelfDistillRejected
@@ -45,24 +45,37 @@ class RoundSummary:
                 "backend honours per-sample seeds, or the mean score counts one answer K times")
 
 
-def summarise_round(
-    round_number: int,
-    student: str,
-    stats: dict,
-    samples: Sequence[GradedTrajectory],
-    examples: Sequence[SelfDistillExample],
-    rejected: Sequence[SelfDistillRejected],
-    sent: int,
-) -> RoundSummary:
-    """A round's numbers from its per-problem stats (`selection.round_stats`) and rows."""
+@dataclass
+class RowFigures:
+    """What a round's summary needs of its rows, counted shard by shard and added up."""
+
+    verification: int = 0
+    correction: int = 0
+    rejected: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @classmethod
+    def of(cls, samples: Sequence[GradedTrajectory], examples: Sequence[SelfDistillExample],
+           rejected: Sequence[SelfDistillRejected]) -> RowFigures:
+        return cls(verification=sum(e.kind == "verification" for e in examples),
+                   correction=sum(e.kind == "correction" for e in examples), rejected=len(rejected),
+                   prompt_tokens=sum(s.prompt_tokens for s in samples),
+                   completion_tokens=sum(s.completion_tokens for s in samples))
+
+    def __add__(self, other: RowFigures) -> RowFigures:
+        return RowFigures(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+
+def summarise_round(round_number: int, student: str, stats: dict, rows: RowFigures, sent: int) -> RoundSummary:
+    """A round's numbers from its per-problem stats (`selection.round_stats`) and its rows' figures."""
     return RoundSummary(
         round=round_number, student=student, problems=stats["problems"], samples=stats["samples"],
         mean_score=stats["mean_score"] or 0.0, pass_at_1=stats["pass_at_1"] or 0.0,
         pass_at_k=stats["pass_at_k"] or 0.0, distinct_share=stats["distinct_share"] or 0.0,
         problems_with_duplicates=stats["problems_with_duplicates"],
-        examples={kind: sum(e.kind == kind for e in examples) for kind in ("verification", "correction")},
-        rejected=len(rejected), prompt_tokens=sum(s.prompt_tokens for s in samples),
-        completion_tokens=sum(s.completion_tokens for s in samples), sent=sent,
+        examples={"verification": rows.verification, "correction": rows.correction},
+        rejected=rows.rejected, prompt_tokens=rows.prompt_tokens, completion_tokens=rows.completion_tokens, sent=sent,
     )
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 
 import yaml
 
 from flows.publishing.parquet import DatasetCardInfo, features_for, publish_dataset
 from flows.publishing.rounds import RoundSummary, rounds_markdown
+from flows.publishing.spool import RowSpool
 from schemas.recipe import Recipe
 from schemas.records import GradedTrajectory, SelfDistillExample, SelfDistillRejected
 
@@ -25,14 +25,17 @@ DESCRIPTIONS = {
 }
 
 
-def publish_round(
-    recipe: Recipe,
-    summary: RoundSummary,
-    examples: Sequence[SelfDistillExample],
-    samples: Sequence[GradedTrajectory],
-    rejected: Sequence[SelfDistillRejected],
-) -> dict[str, str]:
-    """`round-{r}/`, `round-{r}-samples/`, `round-{r}-rejected/`; returns name -> folder."""
+ROUND_DATASETS = {"examples": SelfDistillExample, "samples": GradedTrajectory, "rejected": SelfDistillRejected}
+
+
+def round_spool(recipe: Recipe, round_number: int) -> RowSpool:
+    """Where a round keeps its finished shards' rows until it publishes them."""
+    return RowSpool(recipe.state_dir / "spool" / f"round-{round_number}", ROUND_DATASETS)
+
+
+def publish_round(recipe: Recipe, summary: RoundSummary, spool: RowSpool) -> dict[str, str]:
+    """`round-{r}/`, `round-{r}-samples/`, `round-{r}-rejected/` from the round's spooled rows,
+    in shard order; returns name -> folder."""
     spec = recipe.self_distill
     settings = yaml.safe_dump(json.loads(spec.model_dump_json()), sort_keys=False).strip()
     sections = {
@@ -41,17 +44,14 @@ def publish_round(
         "Settings": f"```yaml\n{settings}\n```",
     }
     base = recipe.work_dir / "self_distill"
-    tables = {
-        "examples": (base / f"round-{summary.round}", examples, SelfDistillExample),
-        "samples": (base / f"round-{summary.round}-samples", samples, GradedTrajectory),
-        "rejected": (base / f"round-{summary.round}-rejected", rejected, SelfDistillRejected),
-    }
+    folders = {"examples": base / f"round-{summary.round}", "samples": base / f"round-{summary.round}-samples",
+               "rejected": base / f"round-{summary.round}-rejected"}
     published = {}
-    for name, (folder, rows, model) in tables.items():
+    for name, model in ROUND_DATASETS.items():
         card = DatasetCardInfo(
             title=f"{recipe.run_name} — self-distillation round {summary.round} {name}",
             description=DESCRIPTIONS[name], sections=sections,
             tags=["distillery", "self-distillation", "synthetic", "math"],
         )
-        published[name] = str(publish_dataset(folder, rows, features_for(model), card).path)
+        published[name] = str(publish_dataset(folders[name], spool.rows(name), features_for(model), card).path)
     return published

@@ -58,6 +58,7 @@ from schemas.records import (
 if TYPE_CHECKING:  # polars and the selection stage: imported where a round's shard needs them
     import polars as pl
 
+    from flows.publishing.rounds import RowFigures
     from flows.stages.self_distillation import TeacherKey
 
 ROLES = ("tool", "reasoning")
@@ -122,6 +123,7 @@ class RoundShardOutcome:
     examples: list[SelfDistillExample]
     rejected: list[SelfDistillRejected]
     sampled: ClientStats  # the student's requests
+    rows: RowFigures | None = None  # once the rows above are spooled (and emptied): what the summary needs of them
 
 
 async def run_round_shard(
