@@ -10,8 +10,9 @@ Out: under the recipe's `output_dir`, three Parquet datasets with cards —
 Run: `distillery run recipes/demo.yaml` (no Prefect server needed), or deploy
      this flow (`dualdistill`) to a server and pass `recipe_path`.
 
-Per shard: load → [tool teacher ‖ reasoning teacher] → grade → stitch; shards run
-concurrently and every stage is a Prefect task cached by the content of its
+Per shard: load → [tool teacher ‖ reasoning teacher] → grade → stitch → its rows to
+the spool (flows/publishing/spool.py), which publishing streams into Parquet at the end;
+shards run concurrently and every stage is a Prefect task cached by the content of its
 inputs. Every request is journaled, so a rerun after a failure sends only what
 is missing. A shard that fails does not stop the others; the run then fails
 with a message naming the stage, the endpoint and the error, and publishes nothing.
@@ -64,7 +65,7 @@ from flows.stages.shards import (
 )
 from flows.stages.stitching import stitch_shard
 from schemas.recipe import Recipe, flow_recipe
-from schemas.records import GradedTrajectory, Problem, Trajectory
+from schemas.records import Composite, GradedTrajectory, Problem, Rejected, Trajectory
 
 STAGE_VERSION = "2"  # bump when a stage's output format changes, to invalidate cached results
 
@@ -140,11 +141,19 @@ async def _process_shard(
     graded = await grade(grade_key, quote(grader), quote(trajectories), quote(problems), recipe.system_prompt)
     composites, rejected = await stitch(stitch_key, quote(recipe), quote(problems), quote(graded))
     progress.shard_done("grade", shard, len(graded), worked=True)
+    figures = await _set_aside(recipe, spool, index, problems, graded, composites, rejected)
+    await progress.publish()
+    await asyncio.to_thread(push_state, recipe)  # a URL output_dir: this shard's answers reach other machines
+    return figures
+
+
+async def _set_aside(recipe: Recipe, spool: RowSpool, index: int, problems: list[Problem],
+                     graded: list[GradedTrajectory], composites: list[Composite], rejected: list[Rejected]
+                     ) -> RunSummary:
+    """A finished shard's rows to the spool; what the run keeps of them is their figures."""
     await asyncio.to_thread(spool.add, index, {"composites": composites, "trajectories": graded, "rejected": rejected})
     figures = summarise(recipe.run_name, len(problems), graded, composites, rejected)
     heap.settle()
-    await progress.publish()
-    await asyncio.to_thread(push_state, recipe)  # a URL output_dir: this shard's answers reach other machines
     return figures
 
 
@@ -218,12 +227,9 @@ async def _run_on_workers(
                 add_stats(stats[role], result.stats[role])
         progress.shard_done("grade", name, len(result.graded), worked=True)
         sandbox = result.sandbox
-        rows = {"composites": result.composites, "trajectories": result.graded, "rejected": result.rejected}
-        await asyncio.to_thread(spool.add, done.index, rows)
-        figures[done.index] = summarise(recipe.run_name, len(shards[done.index]), result.graded, result.composites,
-                                        result.rejected)
-        result.graded, result.composites, result.rejected = [], [], []  # on disk now
-        heap.settle()
+        figures[done.index] = await _set_aside(recipe, spool, done.index, shards[done.index], result.graded,
+                                               result.composites, result.rejected)
+        result.graded, result.composites, result.rejected = [], [], []  # in the spool now
         await progress.publish()
         await asyncio.to_thread(push_state, recipe)
 
@@ -281,6 +287,7 @@ async def dualdistill(recipe_path: str | None = None, recipe: dict | None = None
     failures = [o for o in outcomes if isinstance(o, BaseException)]
     await progress.publish(force=True)
     if failures:
+        spool.remove()  # the finished shards' rows come back from Prefect's cache on the rerun
         progress.finish("stopped by its budget" if stopped else "failed")
         if stopped:
             raise stopped

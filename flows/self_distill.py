@@ -246,6 +246,7 @@ async def _round(recipe: Recipe, runner, student: StudentSpec, reused, grader: G
     failures = [o for o in outcomes if isinstance(o, BaseException)]
     await progress.publish(force=True)
     if failures:
+        spool.remove()  # the finished shards' rows come back from Prefect's cache on the rerun
         raise RuntimeError(f"round {round_number}: {len(failures)} shard(s) failed; answers so far are journaled, "
                            f"rerun to resume. First: {type(failures[0]).__name__}: {failures[0]}")
     summary = summarise_round(round_number, student_name(student),

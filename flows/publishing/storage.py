@@ -200,11 +200,16 @@ def _filesystem(url: str) -> tuple[AbstractFileSystem, str]:
 
 
 def _files(folder: Path) -> list[Path]:
-    """Files to sync, without the journal's index (`journal.index/`: a local cache, rebuilt
-    from the JSONL files wherever they are read)."""
+    """Files to sync, without what stays on this machine: the journal's index (`journal.index/`,
+    a cache rebuilt from the JSONL files wherever they are read) and the row spool (`spool/`,
+    this run's finished rows on their way into its datasets)."""
     if not folder.exists():
         return []
-    return [p for p in folder.rglob("*") if p.is_file() and not any(part.endswith(".index") for part in p.parts)]
+    return [p for p in folder.rglob("*") if p.is_file() and not _stays_here(p.relative_to(folder).parts)]
+
+
+def _stays_here(parts: tuple[str, ...]) -> bool:
+    return parts[0] == "spool" or any(part.endswith(".index") for part in parts)
 
 
 def _stamp(path: Path) -> tuple[int, int]:
