@@ -4,13 +4,13 @@ Importing Prefect and starting a flow run take ~2 s on these machines before the
 first task runs. So `distillery run` (with `execution.task_runner: threads` and a local
 `output_dir`) first builds the run's runtime (clients, journal, sandbox, budget) and
 starts each teacher's first window of shards with the very `answer_shard` the flow's
-answer task calls, in this event loop, and only then imports the flow and calls it.
+answer task calls, in this event loop; then it imports the flow in a thread, while those
+requests are out, and calls it.
 
 Until the flow takes the runtime over (`claim`), each teacher keeps as many shards under
 way as the flow would, starting the next as one finishes. The answer task of each of
 those shards then awaits the answers already under way (`HeadStart.take`) instead of
-asking for them again.
-What the flow does not take (a shard whose answers Prefect had cached) is cancelled when
+asking for them again. What the flow does not take (a shard whose answers Prefect had cached) is cancelled when
 it finishes; every answer received is journaled either way. A head start that cannot be
 set up (a bad problem file, no sandbox) is dropped without a word: the flow meets the same
 error and reports it as usual. Nothing here imports Prefect.
