@@ -131,6 +131,8 @@ async def claim(recipe: Recipe) -> HeadStart | None:
     head, _pending = _pending, None
     if head is not None and head.recipe == recipe:
         head.stop_starting()  # from here the flow starts shards
+        await asyncio.gather(*head.feeders, return_exceptions=True)
+        head.feeders = []  # a finished task keeps its coroutine, and the feeder's the run's whole problem list
         return head
     if head is not None:
         await _close(head)
