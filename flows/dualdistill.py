@@ -175,6 +175,9 @@ async def _run_here(
     """Every shard in this process's event loop (`execution.task_runner: threads`), the first
     ones already under way if `distillery run` gave them a head start."""
     head = await head_start.claim(recipe)
+    if head is not None:
+        get_run_logger().info("head start: %d shard answer(s) (both teachers) began before Prefect had loaded",
+                              len(head.started))
     runtime = head.runtime if head is not None else build_runtime(recipe)
     grader = Grader(workers=1)
     problems = sum(len(shard) for shard in shards)
@@ -264,7 +267,8 @@ async def dualdistill(recipe_path: str | None = None, recipe: dict | None = None
     recipe = flow_recipe(recipe_path, recipe, "dualdistill")
     check_output(recipe)
     pull_state(recipe)  # a URL output_dir: its journal and run token into the local mirror
-    problems = load_problems(recipe.problems)  # fast and fails early: no task round trip
+    # fast and fails early: no task round trip (already loaded by a `distillery run` head start)
+    problems = head_start.problems_of(recipe) or load_problems(recipe.problems)
     shards = split_shards(problems, recipe.shard_size)
     logger.info("%d problems in %d shard(s) of up to %d", len(problems), len(shards), recipe.shard_size)
 

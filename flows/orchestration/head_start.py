@@ -64,6 +64,7 @@ class StartedShard:
 class HeadStart:
     recipe: Recipe
     runtime: Runtime
+    problems: list[Problem]  # the run's, loaded once: the flow takes them too (`problems_of`)
     shards: dict[tuple[str, str], StartedShard] = field(default_factory=dict)  # not taken yet
     started: list[tuple[str, str]] = field(default_factory=list)  # (role, shard), in the order they started
     feeders: list[asyncio.Task[None]] = field(default_factory=list)
@@ -113,15 +114,21 @@ def begin(recipe: Recipe) -> HeadStart | None:
     if recipe.execution.task_runner != "threads" or recipe.remote_output is not None or recipe.teachers is None:
         return None
     try:
-        shards = split_shards(load_problems(recipe.problems), recipe.shard_size)
+        problems = load_problems(recipe.problems)
         runtime = build_runtime(recipe)
     except Exception:  # noqa: BLE001 - the flow meets the same error and reports it
         log.debug("no head start", exc_info=True)
         return None
-    head = HeadStart(recipe, runtime)
+    head = HeadStart(recipe, runtime, problems)
+    shards = split_shards(problems, recipe.shard_size)
     head.feeders = [asyncio.create_task(head._feed(role, shards)) for role in ROLES]
     _pending = head
     return head
+
+
+def problems_of(recipe: Recipe) -> list[Problem] | None:
+    """The problems the head start begun for this very recipe loaded, if any (not loaded twice)."""
+    return _pending.problems if _pending is not None and _pending.recipe == recipe else None
 
 
 async def claim(recipe: Recipe) -> HeadStart | None:

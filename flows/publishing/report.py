@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from schemas.records import Composite, GradedTrajectory, Rejected
 
@@ -96,12 +96,13 @@ def combine(run_name: str, problems: int, parts: Sequence[RunSummary]) -> RunSum
         cases.update(part.cases)
         for role, s in part.teachers.items():
             total = teachers.setdefault(role, TeacherSummary(model=s.model))
-            for name in ("answers", "correct", "prompt_tokens", "completion_tokens", "requests", "replayed_requests",
-                         "tool_calls", "tool_errors", "truncated"):
-                setattr(total, name, getattr(total, name) + getattr(s, name))
-            for mine, theirs in ((total.graded_by, s.graded_by), (total.wrong_by_reason, s.wrong_by_reason)):
-                for key, count in theirs.items():
-                    mine[key] = mine.get(key, 0) + count
+            for f in fields(TeacherSummary):
+                mine, theirs = getattr(total, f.name), getattr(s, f.name)
+                if isinstance(mine, int):
+                    setattr(total, f.name, mine + theirs)
+                elif isinstance(mine, dict):  # counts by reason or by method, in order of first appearance
+                    for key, count in theirs.items():
+                        mine[key] = mine.get(key, 0) + count
     return RunSummary(run_name, problems, sum(p.composites for p in parts), sum(p.rejected for p in parts),
                       dict(cases), teachers)
 
