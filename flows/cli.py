@@ -233,7 +233,8 @@ def grade(
 @app.command()
 def check(recipe: Path = typer.Argument(..., help="recipe YAML")) -> None:
     """Validate a recipe and its problem source without calling any model."""
-    from flows.inputs.problems import ProblemSourceError, load_problems
+    from flows.inputs.problem_shards import load_problems
+    from flows.inputs.problems import ProblemSourceError
     from schemas.recipe import RecipeError, check_job, job_of, load_recipe
 
     try:

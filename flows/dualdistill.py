@@ -36,7 +36,7 @@ from prefect.utilities.annotations import quote
 
 from flows.grading import GRADER_VERSION, Grader
 from flows.publishing.outputs import preload_publishing, publish_outputs, row_spool
-from flows.inputs.problems import load_problems
+from flows.inputs.problem_shards import ProblemShards, run_problems
 from flows.inputs.prompts import load_prompt
 from flows.publishing.report import RunSummary, combine, summarise, summary_markdown
 from flows.publishing.spool import RowSpool
@@ -56,12 +56,12 @@ from flows.stages.shards import (
     ShardFailed,
     answer_shard,
     content_key,
+    forget_links,
     key_parameter,
     grade_shard,
     scoped_run_token,
     shard_name,
-    shard_window,
-    split_shards,
+    shards_at_once,
 )
 from flows.stages.stitching import stitch_shard
 from schemas.recipe import Recipe, flow_recipe
@@ -118,9 +118,20 @@ async def publish_task(recipe: Recipe, summary: RunSummary, spool: RowSpool) -> 
 
 async def _process_shard(
     recipe: Recipe, answer_scopes: dict[str, str], runtime: Runtime, head: HeadStart | None, grader: Grader,
+    progress: RunProgress, spool: RowSpool, windows: dict[str, asyncio.Semaphore], opened: asyncio.Semaphore,
+    index: int, shards: ProblemShards,
+) -> RunSummary:
+    """One shard read, answered, graded and stitched; its rows go to the spool, its figures are
+    returned. At most `opened` shards at once hold their problems and rows in memory."""
+    async with opened:
+        return await _shard_in_memory(recipe, answer_scopes, runtime, head, grader, progress, spool, windows, index,
+                                      shards.read(index))
+
+
+async def _shard_in_memory(
+    recipe: Recipe, answer_scopes: dict[str, str], runtime: Runtime, head: HeadStart | None, grader: Grader,
     progress: RunProgress, spool: RowSpool, windows: dict[str, asyncio.Semaphore], index: int, problems: list[Problem],
 ) -> RunSummary:
-    """One shard answered, graded and stitched; its rows go to the spool, its figures are returned."""
     shard = shard_name(index)
     answer_keys, grade_key, stitch_key = _stage_keys(recipe, answer_scopes, problems)
     storage = result_storage(recipe)  # None: Prefect's default; for a URL output_dir, beside the journal
@@ -139,20 +150,22 @@ async def _process_shard(
     for role in ("tool", "reasoning"):
         progress.shard_done(f"answer[{role}]", shard, len(problems))
     graded = await grade(grade_key, quote(grader), quote(trajectories), quote(problems), recipe.system_prompt)
-    composites, rejected = await stitch(stitch_key, quote(recipe), quote(problems), quote(graded))
+    stitched = await stitch(stitch_key, quote(recipe), quote(problems), quote(graded))
+    composites, rejected = stitched
     progress.shard_done("grade", shard, len(graded), worked=True)
-    figures = await _set_aside(recipe, spool, index, problems, graded, composites, rejected)
+    figures = await _set_aside(recipe, spool, index, len(problems), graded, composites, rejected)
+    forget_links(*answers, graded, stitched)
     await progress.publish()
     await asyncio.to_thread(push_state, recipe)  # a URL output_dir: this shard's answers reach other machines
     return figures
 
 
-async def _set_aside(recipe: Recipe, spool: RowSpool, index: int, problems: list[Problem],
+async def _set_aside(recipe: Recipe, spool: RowSpool, index: int, problems: int,
                      graded: list[GradedTrajectory], composites: list[Composite], rejected: list[Rejected]
                      ) -> RunSummary:
     """A finished shard's rows to the spool; what the run keeps of them is their figures."""
     await asyncio.to_thread(spool.add, index, {"composites": composites, "trajectories": graded, "rejected": rejected})
-    figures = summarise(recipe.run_name, len(problems), graded, composites, rejected)
+    figures = summarise(recipe.run_name, problems, graded, composites, rejected)
     heap.settle()
     return figures
 
@@ -170,7 +183,7 @@ def _stage_keys(
 
 
 async def _run_here(
-    recipe: Recipe, answer_scopes: dict[str, str], progress: RunProgress, spool: RowSpool, shards: list[list[Problem]]
+    recipe: Recipe, answer_scopes: dict[str, str], progress: RunProgress, spool: RowSpool, shards: ProblemShards
 ) -> tuple[list, dict[str, ClientStats], str, BudgetReached | None]:
     """Every shard in this process's event loop (`execution.task_runner: threads`), the first
     ones already under way if `distillery run` gave them a head start."""
@@ -180,16 +193,17 @@ async def _run_here(
                               len(head.started))
     runtime = head.runtime if head is not None else build_runtime(recipe)
     grader = Grader(workers=1)
-    problems = sum(len(shard) for shard in shards)
     for role in ("tool", "reasoning"):
-        progress.stage(f"answer[{role}]", problems, "answers", runtime.teacher(role).client.stats)
-    progress.stage("grade", 2 * problems, "answers")
-    windows = {role: shard_window(runtime.problems_in_flight(role), recipe.shard_size)
+        progress.stage(f"answer[{role}]", shards.count, "answers", runtime.teacher(role).client.stats)
+    progress.stage("grade", 2 * shards.count, "answers")
+    at_once = {role: shards_at_once(runtime.problems_in_flight(role), recipe.shard_size)
                for role in ("tool", "reasoning")}
+    windows = {role: asyncio.Semaphore(n) for role, n in at_once.items()}
+    opened = asyncio.Semaphore(2 * max(at_once.values()))  # answering, and as many again grading and stitching
     try:
         outcomes = await asyncio.gather(
-            *(_process_shard(recipe, answer_scopes, runtime, head, grader, progress, spool, windows, i, shard)
-              for i, shard in enumerate(shards)),
+            *(_process_shard(recipe, answer_scopes, runtime, head, grader, progress, spool, windows, opened, i, shards)
+              for i in range(len(shards))),
             return_exceptions=True,
         )
     finally:
@@ -205,16 +219,15 @@ async def _run_here(
 
 async def _run_on_workers(
     runner, recipe: Recipe, answer_scopes: dict[str, str], progress: RunProgress, spool: RowSpool,
-    shards: list[list[Problem]],
+    shards: ProblemShards,
 ) -> tuple[list, dict[str, ClientStats], str, BudgetReached | None]:
     """One `shard_task` per shard on the recipe's Dask or Ray cluster; progress and request
     figures are counted as each shard returns (cached shards count no request), and its rows
     go to the spool."""
     stats = {role: ClientStats() for role in ("tool", "reasoning")}
-    problems = sum(len(shard) for shard in shards)
     for role in ("tool", "reasoning"):
-        progress.stage(f"answer[{role}]", problems, "answers", stats[role])
-    progress.stage("grade", 2 * problems, "answers")
+        progress.stage(f"answer[{role}]", shards.count, "answers", stats[role])
+    progress.stage("grade", 2 * shards.count, "answers")
     on_worker = shard_task.with_options(retries=recipe.shard_retries, result_storage=result_storage(recipe))
     sandbox = "unknown"
     figures: dict[int, RunSummary] = {}
@@ -225,12 +238,12 @@ async def _run_on_workers(
             return
         name, result = shard_name(done.index), done.value
         for role in ("tool", "reasoning"):
-            progress.shard_done(f"answer[{role}]", name, len(shards[done.index]), worked=not done.cached)
+            progress.shard_done(f"answer[{role}]", name, shards.size(done.index), worked=not done.cached)
             if not done.cached:
                 add_stats(stats[role], result.stats[role])
         progress.shard_done("grade", name, len(result.graded), worked=True)
         sandbox = result.sandbox
-        figures[done.index] = await _set_aside(recipe, spool, done.index, shards[done.index], result.graded,
+        figures[done.index] = await _set_aside(recipe, spool, done.index, shards.size(done.index), result.graded,
                                                result.composites, result.rejected)
         result.graded, result.composites, result.rejected = [], [], []  # in the spool now
         await progress.publish()
@@ -240,7 +253,8 @@ async def _run_on_workers(
     # not quote(...)d as above: Dask rebuilds tuples (a quote is one) as plain tuples;
     # a shard's problems are walked in ~10 ms
     calls = [{"key": content_key("shard", _stage_keys(recipe, answer_scopes, shard)[2]), "recipe": shared,
-              "index": i, "problems": shard, "flow_mirror": mirror_id(recipe)} for i, shard in enumerate(shards)]
+              "index": i, "problems": shard, "flow_mirror": mirror_id(recipe)}
+             for i, shard in enumerate(map(shards.read, range(len(shards))))]
     try:
         outcomes = await map_on_workers(runner, on_worker, calls, count)
     finally:
@@ -267,10 +281,9 @@ async def dualdistill(recipe_path: str | None = None, recipe: dict | None = None
     recipe = flow_recipe(recipe_path, recipe, "dualdistill")
     check_output(recipe)
     pull_state(recipe)  # a URL output_dir: its journal and run token into the local mirror
-    # fast and fails early: no task round trip (already loaded by a `distillery run` head start)
-    problems = head_start.problems_of(recipe) or load_problems(recipe.problems)
-    shards = split_shards(problems, recipe.shard_size)
-    logger.info("%d problems in %d shard(s) of up to %d", len(problems), len(shards), recipe.shard_size)
+    # fast and fails early: no task round trip (already read by a `distillery run` head start)
+    shards = head_start.problems_of(recipe) or run_problems(recipe)
+    logger.info("%d problems in %d shard(s) of up to %d", shards.count, len(shards), recipe.shard_size)
 
     run_token = scoped_run_token(recipe.state_dir)
     # what an answer stage's result depends on besides its problems (never URLs or keys)
@@ -297,7 +310,7 @@ async def dualdistill(recipe_path: str | None = None, recipe: dict | None = None
             raise stopped
         raise RunFailed(_failure_message(failures))
 
-    summary = combine(recipe.run_name, len(problems), outcomes)
+    summary = combine(recipe.run_name, shards.count, outcomes)
     summary.sandbox, summary.grader = sandbox, GRADER_VERSION
     summary.sent_this_run = {role: s.sent for role, s in stats.items()}
     summary.reused_across_budget = {role: s.reused_across_budget for role, s in stats.items()}

@@ -34,7 +34,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.utilities.annotations import quote
 
 from flows.grading import GRADER_VERSION, Grader
-from flows.inputs.problems import load_problems
+from flows.inputs.problem_shards import ProblemShards, run_problems
 from flows.inputs.prompts import load_prompt
 from flows.models.client import ClientStats
 from flows.publishing.rounds import RoundSummary, RowFigures, plot_accuracy, summarise_round, summary_markdown
@@ -53,12 +53,12 @@ from flows.stages.shards import (
     PERSISTED,
     answer_shard,
     content_key,
+    forget_links,
     grade_shard,
     key_parameter,
     scoped_run_token,
     shard_name,
-    shard_window,
-    split_shards,
+    shards_at_once,
 )
 from flows.teachers.students import (
     StudentRuntime,
@@ -114,8 +114,18 @@ def _shard_keys(recipe: Recipe, scope: str, problems: list[Problem]) -> tuple[st
 
 
 async def _shard(recipe: Recipe, runtime: StudentRuntime, grader: Grader, progress: RunProgress, scope: str,
-                 spool: RowSpool, window: asyncio.Semaphore, index: int, problems: list[Problem], round_number: int
-                 ) -> RoundShardOutcome:
+                 spool: RowSpool, window: asyncio.Semaphore, opened: asyncio.Semaphore, index: int,
+                 shards: ProblemShards, round_number: int) -> RoundShardOutcome:
+    """One shard of a round read, sampled, graded, given its teacher parts and stitched; its rows
+    go to the spool. At most `opened` shards at once hold their problems and rows in memory."""
+    async with opened:
+        return await _shard_in_memory(recipe, runtime, grader, progress, scope, spool, window, index,
+                                      shards.read(index), round_number)
+
+
+async def _shard_in_memory(recipe: Recipe, runtime: StudentRuntime, grader: Grader, progress: RunProgress,
+                           scope: str, spool: RowSpool, window: asyncio.Semaphore, index: int,
+                           problems: list[Problem], round_number: int) -> RoundShardOutcome:
     spec = recipe.self_distill
     shard = f"r{round_number}-{shard_name(index)}"
     storage = result_storage(recipe)  # None: Prefect's default; for a URL output_dir, beside the journal
@@ -137,6 +147,7 @@ async def _shard(recipe: Recipe, runtime: StudentRuntime, grader: Grader, progre
     examples, rejected = examples_of(picked, parts, problems, spec, round_number, recipe.system_prompt)
     outcome = RoundShardOutcome(graded, picked.stats, examples, rejected, runtime.student.client.stats)
     await asyncio.to_thread(_spool_rows, spool, index, outcome)
+    forget_links(samples, graded, parts)
     heap.settle()
     return outcome
 
@@ -149,17 +160,19 @@ def _spool_rows(spool: RowSpool, index: int, outcome: RoundShardOutcome) -> None
 
 
 async def _shards_here(recipe: Recipe, student: StudentSpec, reused, grader: Grader, progress: RunProgress,
-                       scope: str, spool: RowSpool, shards: list[list[Problem]], round_number: int
+                       scope: str, spool: RowSpool, shards: ProblemShards, round_number: int
                        ) -> tuple[list, ClientStats]:
     """Every shard of the round in this process's event loop, over one student runtime."""
     runtime = build_student_runtime(recipe, student, reused)
-    progress.stage(f"sample[r{round_number}]", _samples(recipe, shards), "samples", runtime.student.client.stats)
-    progress.stage(f"grade + teacher part[r{round_number}]", _problems(shards), "problems")
-    window = shard_window(runtime.samples_in_flight(), recipe.shard_size * recipe.self_distill.k)
+    progress.stage(f"sample[r{round_number}]", shards.count * recipe.self_distill.k, "samples",
+                   runtime.student.client.stats)
+    progress.stage(f"grade + teacher part[r{round_number}]", shards.count, "problems")
+    at_once = shards_at_once(runtime.samples_in_flight(), recipe.shard_size * recipe.self_distill.k)
+    window, opened = asyncio.Semaphore(at_once), asyncio.Semaphore(2 * at_once)
     try:
         outcomes = await asyncio.gather(
-            *(_shard(recipe, runtime, grader, progress, scope, spool, window, i, shard, round_number)
-              for i, shard in enumerate(shards)),
+            *(_shard(recipe, runtime, grader, progress, scope, spool, window, opened, i, shards, round_number)
+              for i in range(len(shards))),
             return_exceptions=True,
         )
     finally:
@@ -170,14 +183,14 @@ async def _shards_here(recipe: Recipe, student: StudentSpec, reused, grader: Gra
 
 
 async def _shards_on_workers(runner, recipe: Recipe, student: StudentSpec, reused, progress: RunProgress,
-                             scope: str, spool: RowSpool, shards: list[list[Problem]], round_number: int
+                             scope: str, spool: RowSpool, shards: ProblemShards, round_number: int
                              ) -> tuple[list, ClientStats]:
     """One `round_shard_task` per shard on the recipe's Dask or Ray cluster, each with the
     reused teacher parts of its own problems only."""
     stats = ClientStats()
     sampled, finished_stage = f"sample[r{round_number}]", f"grade + teacher part[r{round_number}]"
-    progress.stage(sampled, _samples(recipe, shards), "samples", stats)
-    progress.stage(finished_stage, _problems(shards), "problems")
+    progress.stage(sampled, shards.count * recipe.self_distill.k, "samples", stats)
+    progress.stage(finished_stage, shards.count, "problems")
     on_worker = round_shard_task.with_options(retries=recipe.shard_retries, result_storage=result_storage(recipe))
     teachers = teacher_scope(recipe, reused)
     transitions = load_prompt(recipe.self_distill.transitions).digest
@@ -185,9 +198,9 @@ async def _shards_on_workers(runner, recipe: Recipe, student: StudentSpec, reuse
     async def count(done: Finished) -> None:
         if done.failed:
             return
-        name, problems = f"r{round_number}-{shard_name(done.index)}", shards[done.index]
+        name = f"r{round_number}-{shard_name(done.index)}"
         progress.shard_done(sampled, name, len(done.value.graded), worked=not done.cached)
-        progress.shard_done(finished_stage, name, len(problems), worked=not done.cached)
+        progress.shard_done(finished_stage, name, shards.size(done.index), worked=not done.cached)
         if not done.cached:
             add_stats(stats, done.value.sampled)
         await asyncio.to_thread(_spool_rows, spool, done.index, done.value)
@@ -197,7 +210,7 @@ async def _shards_on_workers(runner, recipe: Recipe, student: StudentSpec, reuse
 
     shared, mirror, reachable = for_workers(recipe), mirror_id(recipe), _reachable(student)
     calls = []
-    for i, problems in enumerate(shards):
+    for i, problems in enumerate(map(shards.read, range(len(shards)))):
         ids = {p.id for p in problems}
         own = None if reused is None else {part: trajectory for part, trajectory in reused.items() if part[0] in ids}
         _, grade_key = _shard_keys(recipe, scope, problems)
@@ -222,16 +235,8 @@ def _reachable(student: StudentSpec) -> StudentSpec:
     return student
 
 
-def _samples(recipe: Recipe, shards: list[list[Problem]]) -> int:
-    return _problems(shards) * recipe.self_distill.k
-
-
-def _problems(shards: list[list[Problem]]) -> int:
-    return sum(len(shard) for shard in shards)
-
-
 async def _round(recipe: Recipe, runner, student: StudentSpec, reused, grader: Grader, progress: RunProgress,
-                 shards: list[list[Problem]], round_number: int, run_token: str) -> RoundSummary:
+                 shards: ProblemShards, round_number: int, run_token: str) -> RoundSummary:
     started = time.perf_counter()
     scope = content_key("self-distill", STAGE_VERSION, run_token, round_number, student_scope(recipe, student),
                         recipe.self_distill.k)
@@ -274,10 +279,9 @@ async def self_distill(recipe_path: str | None = None, recipe: dict | None = Non
     recipe = flow_recipe(recipe_path, recipe, "self_distill")
     check_output(recipe)
     pull_state(recipe)  # a URL output_dir: its journal, run token and finished rounds into the local mirror
-    problems = load_problems(recipe.problems)
-    shards = split_shards(problems, recipe.shard_size)
+    shards = run_problems(recipe)
     spec = recipe.self_distill
-    logger.info("%d problems, K=%d, %d round(s), teacher part: %s", len(problems), spec.k, spec.rounds,
+    logger.info("%d problems, K=%d, %d round(s), teacher part: %s", shards.count, spec.k, spec.rounds,
                 spec.teacher_part)
     out = recipe.work_dir / "self_distill"
     state = recipe.state_dir / "self_distill"

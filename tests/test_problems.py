@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flows.inputs.problems import ProblemSourceError, arithmetic_problems, load_problems, stable_id
+import flows.inputs.problem_shards as problem_shards_module
+from flows.inputs.problem_shards import load_problems, problem_shards
+from flows.inputs.problems import ProblemSourceError, arithmetic_problems, stable_id
 from schemas.recipe import ColumnMap, ProblemsSpec
 
 
@@ -81,3 +84,38 @@ def test_arithmetic_generator_is_seeded_distinct_and_correct():
     first = next(p for p in problems if "gets" in p.problem)
     numbers = [int(w) for w in first.problem.split() if w.isdigit()]
     assert int(first.answer) == sum(numbers)
+
+
+def _rows(count):
+    return [{"id": f"q{i}", "problem": f"{i}+1?", "answer": str(i + 1)} for i in range(count)]
+
+
+def test_run_problems_are_read_a_shard_at_a_time_in_the_order_a_list_had(tmp_path):
+    rows = _rows(23)
+    rows.insert(9, dict(rows[4]))  # an exact repeat: dropped
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    spec = ProblemsSpec(source=str(path), columns=ColumnMap(id="id"), shuffle=True, seed=3, limit=20)
+    shards = problem_shards(spec, 6, tmp_path / "state")
+    # the order earlier versions had: every problem in memory, repeats dropped, shuffled, cut
+    expected = [f"q{i}" for i in range(23)]
+    random.Random(3).shuffle(expected)
+    assert (shards.count, len(shards), [shards.size(i) for i in range(4)]) == (20, 4, [6, 6, 6, 2])
+    assert [p.id for i in range(len(shards)) for p in shards.read(i)] == expected[:20]
+    assert shards.read(3)[0].source_row == int(expected[18][1:]) + (int(expected[18][1:]) >= 9)
+    with pytest.raises(TypeError):
+        iter(shards)  # a run reads each shard when it starts it, never all of them up front
+    with pytest.raises(IndexError):
+        shards.read(4)
+
+
+def test_duplicates_are_told_apart_by_id_when_their_hashes_collide(tmp_path, monkeypatch):
+    monkeypatch.setattr(problem_shards_module, "_hash", lambda text: 7)  # every id meets every other
+    rows = _rows(5) + [_rows(5)[2]]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    assert [p.id for p in load_problems(ProblemsSpec(source=str(path), columns=ColumnMap(id="id")))] == [
+        "q0", "q1", "q2", "q3", "q4"]
+    rows[1]["answer"] = "x"
+    rows += [{"id": "q1", "problem": "1+1?", "answer": "2"}, {"id": "q3", "problem": "other", "answer": "4"}]
+    path = write_jsonl(tmp_path / "q.jsonl", rows)
+    with pytest.raises(ProblemSourceError, match=r"q\.jsonl row 6: id 'q1' already used by row 1"):
+        load_problems(ProblemsSpec(source=str(path), columns=ColumnMap(id="id")))

@@ -88,7 +88,7 @@ def test_a_shard_runs_self_contained_and_replays_from_the_journal(tmp_path):
     with FakeOpenAIServer(ScriptedTeachers(rows)) as server:
         recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path / "problems.jsonl", server.base_url,
                                           tmp_path / "out"))
-        from flows.inputs.problems import load_problems
+        from flows.inputs.problem_shards import load_problems
 
         problems = load_problems(recipe.problems)
         outcome = asyncio.run(run_shard(recipe, 0, problems))
@@ -239,7 +239,7 @@ def machine(tmp_path, monkeypatch):
 
 
 def test_a_shard_on_another_machine_pulls_and_pushes_the_journal_at_the_url(s3, machine, tmp_path):
-    from flows.inputs.problems import load_problems
+    from flows.inputs.problem_shards import load_problems
 
     rows = write_problems(tmp_path / "problems.jsonl", per_kind=1)
     url = f"s3://{BUCKET}/plain"

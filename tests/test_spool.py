@@ -62,11 +62,12 @@ def test_the_summary_of_a_spooled_run_is_that_of_its_published_rows(tmp_path):
     assert json.loads((out / ".distillery" / "summary.json").read_text())["composites"] == summary["composites"]
 
 
-def test_the_spool_stays_on_this_machine_when_state_is_pushed_to_a_url(tmp_path):
+def test_the_spool_and_problems_stay_on_this_machine_when_state_is_pushed_to_a_url(tmp_path):
     from flows.publishing.storage import _files
 
     state = tmp_path / ".distillery"
-    for name in ("journal/a.jsonl", "journal.index/a.idx", "spool/composites/00000.arrow", "run-token"):
+    for name in ("journal/a.jsonl", "journal.index/a.idx", "spool/composites/00000.arrow", "problems/0a1b.jsonl",
+                 "run-token"):
         (state / name).parent.mkdir(parents=True, exist_ok=True)
         (state / name).write_text("x")
     assert sorted(p.relative_to(state).as_posix() for p in _files(state)) == ["journal/a.jsonl", "run-token"]

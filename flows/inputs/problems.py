@@ -1,4 +1,4 @@
-"""Load problems from a file, a dataset folder, or the built-in generator.
+"""Read problems from a file, a dataset folder, or the built-in generator.
 
 Sources: `.jsonl`, `.parquet`, a local Hugging Face dataset folder (saved with
 `save_to_disk`, or data files `load_dataset` understands), or `builtin:arithmetic`
@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import random
 from collections.abc import Iterator
 from pathlib import Path
 
 from schemas.recipe import BUILTIN_ARITHMETIC, ProblemsSpec
 from schemas.records import Problem
-
-log = logging.getLogger("distillery.problems")
-
 
 class ProblemSourceError(ValueError):
     """A problem source that cannot be used; the message names the file and row."""
@@ -31,18 +27,9 @@ def stable_id(problem_text: str) -> str:
     return "p-" + hashlib.sha256(problem_text.strip().encode()).hexdigest()[:16]
 
 
-def load_problems(spec: ProblemsSpec) -> list[Problem]:
-    if spec.source == BUILTIN_ARITHMETIC:
-        return arithmetic_problems(spec.limit or 0, seed=spec.seed)
-    if spec.source.startswith("builtin:"):
-        raise ProblemSourceError(f"unknown built-in problem source {spec.source!r} (known: {BUILTIN_ARITHMETIC})")
-    problems = _dedupe(list(_map_rows(spec)), spec.source)
-    if spec.shuffle:
-        random.Random(spec.seed).shuffle(problems)
-    return problems[: spec.limit] if spec.limit else problems
-
-
-def _map_rows(spec: ProblemsSpec) -> Iterator[Problem]:
+def read_problems(spec: ProblemsSpec) -> Iterator[Problem]:
+    """Every row of a file or dataset source as a problem, in source order, duplicates included
+    (`flows.inputs.problem_shards` drops them, shuffles and limits)."""
     cols = spec.columns
     for row_index, row in enumerate(_read_rows(Path(spec.source), spec.split)):
         where = f"{spec.source} row {row_index}"
@@ -85,7 +72,8 @@ def _read_rows(path: Path, split: str) -> Iterator[dict]:
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        yield from pq.read_table(path).to_pylist()
+        for batch in pq.ParquetFile(path).iter_batches():
+            yield from batch.to_pylist()
     else:
         raise ProblemSourceError(f"{path}: unsupported problem file (use .jsonl, .parquet or a dataset folder)")
 
@@ -118,25 +106,6 @@ def _read_dataset_folder(path: Path, split: str) -> Iterator[dict]:
         except ValueError as exc:
             raise ProblemSourceError(f"{path}: cannot load split {split!r}: {exc}") from None
     yield from loaded
-
-
-def _dedupe(problems: list[Problem], source: str) -> list[Problem]:
-    """Drop exact repeats; the same id with different content is an error."""
-    seen: dict[str, Problem] = {}
-    kept: list[Problem] = []
-    for problem in problems:
-        earlier = seen.get(problem.id)
-        if earlier is None:
-            seen[problem.id] = problem
-            kept.append(problem)
-        elif (earlier.problem, earlier.answer) != (problem.problem, problem.answer):
-            raise ProblemSourceError(
-                f"{source} row {problem.source_row}: id {problem.id!r} already used by row {earlier.source_row} "
-                "with a different problem or answer"
-            )
-    if len(kept) < len(problems):
-        log.warning("%s: dropped %d duplicate problem(s)", source, len(problems) - len(kept))
-    return kept
 
 
 # --- the built-in generator -------------------------------------------------

@@ -23,8 +23,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from flows.inputs.problems import load_problems
-from flows.stages.shards import answer_shard, shard_name, shards_at_once, split_shards
+from flows.inputs.problem_shards import ProblemShards, run_problems
+from flows.stages.shards import answer_shard, shard_name, shards_at_once
 from flows.teachers.runtime import Runtime, build_runtime
 from schemas.recipe import Recipe
 from schemas.records import Problem, Trajectory
@@ -64,7 +64,7 @@ class StartedShard:
 class HeadStart:
     recipe: Recipe
     runtime: Runtime
-    problems: list[Problem]  # the run's, loaded once: the flow takes them too (`problems_of`)
+    problems: ProblemShards  # the run's, read from its source once: the flow takes them too (`problems_of`)
     shards: dict[tuple[str, str], StartedShard] = field(default_factory=dict)  # not taken yet
     started: list[tuple[str, str]] = field(default_factory=list)  # (role, shard), in the order they started
     feeders: list[asyncio.Task[None]] = field(default_factory=list)
@@ -89,13 +89,14 @@ class HeadStart:
             _cancel(started)
         await asyncio.gather(*self.feeders, *(s.task for s in left if s.task is not None), return_exceptions=True)
 
-    async def _feed(self, role: str, shards: list[list[Problem]]) -> None:
+    async def _feed(self, role: str) -> None:
         """Keep the role's first shards under way, as many at once as the flow would have, starting
         the next as one finishes, until the flow claims the head start."""
         teacher, slots = self.runtime.teacher(role), self.runtime.problem_slots(role)
         window = asyncio.Semaphore(shards_at_once(self.runtime.problems_in_flight(role), self.recipe.shard_size))
-        for index, problems in enumerate(shards):
+        for index in range(len(self.problems)):
             await window.acquire()
+            problems = self.problems.read(index)
             started = StartedShard(problems)
             started.task = asyncio.create_task(
                 answer_shard(teacher, problems, shard_name(index), slots, on_done=started.tick))
@@ -114,20 +115,19 @@ def begin(recipe: Recipe) -> HeadStart | None:
     if recipe.execution.task_runner != "threads" or recipe.remote_output is not None or recipe.teachers is None:
         return None
     try:
-        problems = load_problems(recipe.problems)
+        problems = run_problems(recipe)
         runtime = build_runtime(recipe)
     except Exception:  # noqa: BLE001 - the flow meets the same error and reports it
         log.debug("no head start", exc_info=True)
         return None
     head = HeadStart(recipe, runtime, problems)
-    shards = split_shards(problems, recipe.shard_size)
-    head.feeders = [asyncio.create_task(head._feed(role, shards)) for role in ROLES]
+    head.feeders = [asyncio.create_task(head._feed(role)) for role in ROLES]
     _pending = head
     return head
 
 
-def problems_of(recipe: Recipe) -> list[Problem] | None:
-    """The problems the head start begun for this very recipe loaded, if any (not loaded twice)."""
+def problems_of(recipe: Recipe) -> ProblemShards | None:
+    """The problems the head start begun for this very recipe read, if any (not read twice)."""
     return _pending.problems if _pending is not None and _pending.recipe == recipe else None
 
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+import tempfile
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from flows.models.client import ModelClient
-from schemas.recipe import Recipe, TeacherSpec
+from schemas.recipe import ProblemsSpec, Recipe, TeacherSpec
 
 
 @dataclass
@@ -183,35 +185,41 @@ def make_plan(recipe: Recipe, job: str) -> Plan:
         plan.wall_s = _overlapping(roles)
         return plan
 
-    from flows.inputs.problems import load_problems
-
-    problems = load_problems(recipe.problems)
+    count, pilot_problems = _counted(recipe.problems, pilot)
     if job == "dualdistill":
-        pilot_problems = problems[:pilot]
         measured = asyncio.run(_pilot_dualdistill(recipe, pilot_problems)) if pilot else {}
         tool, reasoning = recipe.teachers.tool, recipe.teachers.reasoning
-        roles = [role_plan("tool", tool, name(tool), len(problems), measured.get("tool"), tool.max_tool_calls + 1),
-                 role_plan("reasoning", reasoning, name(reasoning), len(problems), measured.get("reasoning"), 1)]
-        plan = Plan(recipe.run_name, job, len(problems), pilot, roles, budget=budget)
+        roles = [role_plan("tool", tool, name(tool), count, measured.get("tool"), tool.max_tool_calls + 1),
+                 role_plan("reasoning", reasoning, name(reasoning), count, measured.get("reasoning"), 1)]
+        plan = Plan(recipe.run_name, job, count, pilot, roles, budget=budget)
         plan.wall_s = _overlapping(roles)
         return plan
 
     spec, student = recipe.self_distill, recipe.student
-    measured = asyncio.run(_pilot_self_distill(recipe, problems[:pilot])) if pilot else {}
-    samples = len(problems) * spec.k * spec.rounds
+    measured = asyncio.run(_pilot_self_distill(recipe, pilot_problems)) if pilot else {}
+    samples = count * spec.k * spec.rounds
     roles = [role_plan("student", student, name(student), samples, measured.get("student"),
                        student.max_tool_calls + 1)]
-    plan = Plan(recipe.run_name, job, len(problems), pilot, roles, budget=budget)
+    plan = Plan(recipe.run_name, job, count, pilot, roles, budget=budget)
     if spec.teacher_part == "generate":
         for role in ("tool", "reasoning"):
             teacher = getattr(recipe.teachers, role)
-            roles.append(role_plan(role, teacher, name(teacher), len(problems) * spec.rounds, None,
+            roles.append(role_plan(role, teacher, name(teacher), count * spec.rounds, None,
                                    teacher.max_tool_calls + 1 if role == "tool" else 1))
         plan.notes.append("teacher parts: at most one answer per problem and round each (fewer in practice: "
                           "only where the beta rules pick an example)")
     plan.notes.append(f"{spec.rounds} round(s); training time is not counted")
     plan.wall_s = roles[0].seconds
     return plan
+
+
+def _counted(spec: ProblemsSpec, pilot: int) -> tuple[int, list]:
+    """How many problems the run has, and its first `pilot` (read from disk: not all held)."""
+    from flows.inputs.problem_shards import problem_shards
+
+    with tempfile.TemporaryDirectory(prefix="distillery-plan-") as folder:
+        shards = problem_shards(spec, max(pilot, 1), Path(folder))
+        return shards.count, shards.read(0) if pilot and shards.count else []
 
 
 def _overlapping(roles: list[RolePlan]) -> float | None:

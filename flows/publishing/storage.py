@@ -201,15 +201,16 @@ def _filesystem(url: str) -> tuple[AbstractFileSystem, str]:
 
 def _files(folder: Path) -> list[Path]:
     """Files to sync, without what stays on this machine: the journal's index (`journal.index/`,
-    a cache rebuilt from the JSONL files wherever they are read) and the row spool (`spool/`,
-    this run's finished rows on their way into its datasets)."""
+    a cache rebuilt from the JSONL files wherever they are read), the row spool (`spool/`,
+    this run's finished rows on their way into its datasets) and the run's problems
+    (`problems/`, written anew by every run from its source)."""
     if not folder.exists():
         return []
     return [p for p in folder.rglob("*") if p.is_file() and not _stays_here(p.relative_to(folder).parts)]
 
 
 def _stays_here(parts: tuple[str, ...]) -> bool:
-    return parts[0] == "spool" or any(part.endswith(".index") for part in parts)
+    return parts[0] in ("spool", "problems") or any(part.endswith(".index") for part in parts)
 
 
 def _stamp(path: Path) -> tuple[int, int]:

@@ -43,10 +43,6 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
 
-def split_shards(problems: Sequence[Problem], shard_size: int) -> list[list[Problem]]:
-    return [list(problems[i : i + shard_size]) for i in range(0, len(problems), shard_size)]
-
-
 def shards_at_once(in_flight: int, shard_size: int) -> int:
     """How many shards one role answers at once, for `in_flight` problems under way: enough
     waiting problems to refill every slot while a shard finishes, so the endpoint never idles,
@@ -76,6 +72,24 @@ def scoped_run_token(state_dir: Path) -> str:
 # 1,000 results (here every shard's answers, for the whole run). A whole-shard task on a Dask
 # or Ray worker keeps the default: its value travels back to the flow in memory.
 PERSISTED = {"persist_result": True, "cache_result_in_memory": False}
+
+
+def forget_links(*results: object) -> None:
+    """Drop what Prefect remembers of these finished task results for the rest of the flow run.
+
+    For dependency tracking, Prefect maps the `id()` of every task result, and of each member
+    of a returned list, tuple or dict, to its task run's state (`FlowRunContext.run_results`),
+    for as long as the flow runs: ~2 entries a problem, for every shard of the run. Our flows
+    pass results on `quote`d, so those entries are never looked up."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    if context is None:
+        return
+    for result in results:
+        members = result.values() if isinstance(result, dict) else result if isinstance(result, (list, tuple)) else ()
+        for item in (result, *members):
+            context.run_results.pop(id(item), None)
 
 
 def key_parameter(context, parameters) -> str:  # noqa: ANN001 - Prefect's cache_key_fn signature

@@ -1,0 +1,187 @@
+"""A run's problems in shards, on disk, read one shard at a time.
+
+A run used to load every problem into memory and keep them for its whole length: ~1 KB of
+Python objects a problem besides its text, so a million-problem run held gigabytes before
+its first request. Instead `problem_shards` reads the source once, row by row, checking
+each row as before (`read_problems`: a missing column, an empty problem or answer, bad
+JSON name the file and row), and appends every problem as one JSON line to
+`<state_dir>/problems/<digest of the problems spec>.jsonl`. What the run keeps is one byte
+offset a problem (8 bytes), in run order:
+
+- duplicates dropped: a repeat of an earlier problem (same id, problem and answer) is
+  dropped; the same id with another problem or answer is an error naming both rows. Found
+  by sorting 64-bit hashes of the ids, then reading back the few lines whose hashes meet;
+- shuffled with `random.Random(seed).shuffle`, as a list of problems was, so the run order
+  (and with it every shard, and every cached result) is the one earlier versions had;
+- cut to `limit`.
+
+`ProblemShards.read(i)` reads shard i's lines (one seek each) when the run starts that
+shard. The file is written anew, under a temporary name, every time a run starts; it is
+not pushed to a URL `output_dir` (each machine's flow writes its own).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import tempfile
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from flows.inputs.problems import ProblemSourceError, arithmetic_problems, read_problems
+from schemas.recipe import BUILTIN_ARITHMETIC, ProblemsSpec, Recipe
+from schemas.records import Problem
+
+log = logging.getLogger("distillery.problems")
+
+
+@dataclass(frozen=True, eq=False)
+class ProblemShards:
+    """The run's problems, `shard_size` to a shard, read from `path` a shard at a time.
+
+    Not iterable on purpose: `read` each shard when it starts, not all of them up front."""
+
+    path: Path
+    offsets: np.ndarray  # byte offset of each problem's line in `path`, in run order
+    shard_size: int
+
+    @property
+    def count(self) -> int:
+        """How many problems the run has."""
+        return len(self.offsets)
+
+    def __len__(self) -> int:
+        return -(-self.count // self.shard_size)
+
+    def size(self, index: int) -> int:
+        return len(self.offsets[index * self.shard_size : (index + 1) * self.shard_size])
+
+    def read(self, index: int) -> list[Problem]:
+        """Shard `index`'s problems, in run order."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"shard {index} of {len(self)}")
+        return _read_lines(self.path, self.offsets[index * self.shard_size : (index + 1) * self.shard_size])
+
+    def read_all(self) -> list[Problem]:
+        return _read_lines(self.path, self.offsets)
+
+
+def problem_shards(spec: ProblemsSpec, shard_size: int, folder: Path) -> ProblemShards:
+    """The problems of `spec`, checked, deduplicated, shuffled and limited, in a file in `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{_spec_digest(spec)}.jsonl"
+    partial = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        offsets, rows = _write_problems(spec, partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    order = _run_order(spec, path, offsets, rows)
+    return ProblemShards(path, np.asarray(offsets, dtype=np.int64)[order], shard_size)
+
+
+def run_problems(recipe: Recipe) -> ProblemShards:
+    """The recipe's problems in its shards, written under its state folder."""
+    return problem_shards(recipe.problems, recipe.shard_size, recipe.state_dir / "problems")
+
+
+def load_problems(spec: ProblemsSpec) -> list[Problem]:
+    """Every problem of `spec` in run order, in memory: for a plan's pilot, a check, a test."""
+    with tempfile.TemporaryDirectory(prefix="distillery-problems-") as folder:
+        return problem_shards(spec, 1, Path(folder)).read_all()
+
+
+def _spec_digest(spec: ProblemsSpec) -> str:
+    return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
+
+
+@dataclass
+class _Rows:
+    """Per problem written, in source order: a 64-bit hash of its id, and its row in the source."""
+
+    ids: array
+    source_rows: array
+
+
+def _write_problems(spec: ProblemsSpec, path: Path) -> tuple[array, _Rows]:
+    if spec.source == BUILTIN_ARITHMETIC:
+        problems = iter(arithmetic_problems(spec.limit or 0, seed=spec.seed))
+    elif spec.source.startswith("builtin:"):
+        raise ProblemSourceError(f"unknown built-in problem source {spec.source!r} (known: {BUILTIN_ARITHMETIC})")
+    else:
+        problems = read_problems(spec)
+    offsets, rows = array("q"), _Rows(array("q"), array("q"))
+    position = 0
+    with path.open("wb") as out:
+        for problem in problems:
+            line = problem.model_dump_json().encode() + b"\n"
+            out.write(line)
+            offsets.append(position)
+            position += len(line)
+            rows.ids.append(_hash(problem.id))
+            rows.source_rows.append(problem.source_row)
+    return offsets, rows
+
+
+def _hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def _run_order(spec: ProblemsSpec, path: Path, offsets: array, rows: _Rows) -> list[int]:
+    """Indexes of the written problems in run order: duplicates dropped, shuffled, limited."""
+    kept = _without_duplicates(spec.source, path, offsets, rows)
+    if spec.shuffle:
+        random.Random(spec.seed).shuffle(kept)
+    return kept[: spec.limit] if spec.limit else kept
+
+
+def _without_duplicates(source: str, path: Path, offsets: array, rows: _Rows) -> list[int]:
+    ids = np.frombuffer(rows.ids, dtype=np.int64) if len(rows.ids) else np.zeros(0, dtype=np.int64)
+    by_id = np.argsort(ids, kind="stable")  # equal hashes stay in source order
+    meets = np.flatnonzero(ids[by_id][1:] == ids[by_id][:-1])
+    if not len(meets):
+        return list(range(len(ids)))
+    drop: set[int] = set()
+    conflicts: list[tuple[int, str]] = []
+    for group in _groups(by_id, meets):
+        first: dict[str, Problem] = {}  # a colliding hash may hide several ids: compare the ids themselves
+        for index, problem in zip(group, _read_lines(path, np.asarray([offsets[i] for i in group]))):
+            earlier = first.setdefault(problem.id, problem)
+            if earlier is problem:
+                continue
+            if (earlier.problem, earlier.answer) == (problem.problem, problem.answer):
+                drop.add(index)
+            else:
+                conflicts.append((problem.source_row, f"{source} row {problem.source_row}: id {problem.id!r} already "
+                                  f"used by row {earlier.source_row} with a different problem or answer"))
+    if conflicts:
+        raise ProblemSourceError(min(conflicts)[1])
+    if drop:
+        log.warning("%s: dropped %d duplicate problem(s)", source, len(drop))
+    return [i for i in range(len(ids)) if i not in drop]
+
+
+def _groups(by_id: np.ndarray, meets: np.ndarray) -> list[list[int]]:
+    """Runs of equal hashes in `by_id`: `meets` are the positions p where by_id[p] and by_id[p + 1] meet."""
+    groups: list[list[int]] = []
+    for position in meets.tolist():
+        if groups and groups[-1][-1] == int(by_id[position]):
+            groups[-1].append(int(by_id[position + 1]))
+        else:
+            groups.append([int(by_id[position]), int(by_id[position + 1])])
+    return groups
+
+
+def _read_lines(path: Path, offsets: np.ndarray) -> list[Problem]:
+    with path.open("rb") as lines:
+        problems = []
+        for offset in offsets.tolist():
+            lines.seek(offset)
+            problems.append(Problem.model_validate_json(lines.readline()))
+        return problems
