@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--latency", type=float, default=0.2)
+    parser.add_argument("--detail", action="store_true", help="also print requests sent in each second of the run")
     parser.add_argument("--bare", nargs=2, help=argparse.SUPPRESS)  # internal: base_url problems.jsonl
     args = parser.parse_args()
     if args.bare:
@@ -112,6 +113,11 @@ def main() -> None:
     print(f"ours, decomposed: {arrivals[0] - started:.2f} s to the first request, {span:.2f} s from it to the last "
           f"answer ({requests / span / ideal:.1%} of ideal in that span), {ended - arrivals[-1] - args.latency:.2f} s "
           "after the last answer (grading the last shards, publishing, exit)")
+    if args.detail:
+        seconds = [0] * (int(arrivals[-1] - arrivals[0]) + 1)
+        for arrival in arrivals:
+            seconds[int(arrival - arrivals[0])] += 1
+        print("requests sent in each second from the first:", " ".join(map(str, seconds)))
 
 
 if __name__ == "__main__":
