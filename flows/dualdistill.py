@@ -252,9 +252,9 @@ async def _run_on_workers(
     shared = for_workers(recipe)
     # not quote(...)d as above: Dask rebuilds tuples (a quote is one) as plain tuples;
     # a shard's problems are walked in ~10 ms
-    calls = [{"key": content_key("shard", _stage_keys(recipe, answer_scopes, shard)[2]), "recipe": shared,
+    calls = ({"key": content_key("shard", _stage_keys(recipe, answer_scopes, shard)[2]), "recipe": shared,
               "index": i, "problems": shard, "flow_mirror": mirror_id(recipe)}
-             for i, shard in enumerate(map(shards.read, range(len(shards))))]
+             for i, shard in enumerate(map(shards.read, range(len(shards)))))  # read as each is submitted
     try:
         outcomes = await map_on_workers(runner, on_worker, calls, count)
     finally:

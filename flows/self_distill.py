@@ -26,6 +26,7 @@ import asyncio
 import json
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
@@ -209,17 +210,19 @@ async def _shards_on_workers(runner, recipe: Recipe, student: StudentSpec, reuse
         await asyncio.to_thread(push_state, recipe)
 
     shared, mirror, reachable = for_workers(recipe), mirror_id(recipe), _reachable(student)
-    calls = []
-    for i, problems in enumerate(map(shards.read, range(len(shards)))):
-        ids = {p.id for p in problems}
-        own = None if reused is None else {part: trajectory for part, trajectory in reused.items() if part[0] in ids}
-        _, grade_key = _shard_keys(recipe, scope, problems)
-        # the whole shard's result: selection, teacher parts and examples (stitched with the transitions) too
-        key = content_key("round-shard", grade_key, recipe.self_distill, teachers, transitions)
-        calls.append({"key": key, "recipe": shared, "student": reachable, "reused": own,
-                      "round_number": round_number, "index": i, "problems": problems, "flow_mirror": mirror})
+
+    def calls() -> Iterator[dict]:  # each shard read as it is submitted
+        for i, problems in enumerate(map(shards.read, range(len(shards)))):
+            ids = {p.id for p in problems}
+            own = None if reused is None else {part: answer for part, answer in reused.items() if part[0] in ids}
+            _, grade_key = _shard_keys(recipe, scope, problems)
+            # the whole shard's result: selection, teacher parts and examples (stitched with the transitions) too
+            key = content_key("round-shard", grade_key, recipe.self_distill, teachers, transitions)
+            yield {"key": key, "recipe": shared, "student": reachable, "reused": own,
+                   "round_number": round_number, "index": i, "problems": problems, "flow_mirror": mirror}
+
     try:
-        outcomes = await map_on_workers(runner, on_worker, calls, count)
+        outcomes = await map_on_workers(runner, on_worker, calls(), count)
     finally:
         await asyncio.to_thread(push_state, recipe)
     if (stopped := budget_stop(outcomes)) is not None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import pickle
+import threading
+from types import SimpleNamespace
 
 import datasets
 import pytest
@@ -15,7 +17,7 @@ from flow_helpers import ScriptedTeachers, write_problems, write_recipe
 
 from flows.models.budget import BudgetReached
 from flows.models.client import ModelRequestError
-from flows.orchestration.task_runners import TaskRunnerUnavailable, build_task_runner
+from flows.orchestration.task_runners import TaskRunnerUnavailable, build_task_runner, map_on_workers
 from flows.orchestration.on_worker import WorkerError, portable
 from flows.stages.remote_shard import run_shard
 from flows.stages.shards import ShardFailed
@@ -80,6 +82,66 @@ def test_failures_cross_a_process_boundary_with_their_message():
     assert isinstance(second, BudgetReached)
     group = pickle.loads(pickle.dumps(portable(BaseExceptionGroup("both", [failure, ValueError("x")]))))
     assert isinstance(group.exceptions[0], ShardFailed) and isinstance(group.exceptions[1], ValueError)
+
+
+class _Future:
+    """A task on a fake two-worker cluster: it ends when the test says so, its callbacks in another thread."""
+
+    def __init__(self, value) -> None:
+        from prefect.states import Completed
+
+        self.value, self.state, self.task_run_id, self.callbacks = value, Completed(), "fake", []
+
+    def add_done_callback(self, fn) -> None:
+        self.callbacks.append(fn)
+
+    def end(self) -> None:
+        threading.Thread(target=lambda: [fn(self) for fn in self.callbacks]).start()
+
+    def result(self, raise_on_failure=True):
+        return self.value
+
+
+def test_shards_go_to_the_cluster_as_it_takes_them_not_all_at_once():
+    class Cluster:
+        client = SimpleNamespace(nthreads=lambda: {"worker-1": 1, "worker-2": 1})
+        submitted: list[_Future] = []
+
+        def submit(self, task, parameters):
+            self.submitted.append(_Future(parameters["n"] * 10))
+            return self.submitted[-1]
+
+    cluster, read, seen = Cluster(), [], []
+
+    def calls():
+        for n in range(10):
+            read.append(n)  # a shard's problems are read when its call is taken
+            yield {"n": n}
+
+    async def on_finished(done):
+        seen.append((done.index, done.value))
+
+    async def until(condition) -> None:
+        for _ in range(500):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("timed out")
+
+    order = [3, 0, 1, 2, 4, 5, 6, 7, 8, 9]  # out of order, one at a time
+
+    async def main():
+        mapped = asyncio.create_task(map_on_workers(cluster, None, calls(), on_finished))
+        for ended, index in enumerate(order):
+            await until(lambda: len(cluster.submitted) > index)
+            # twice the cluster's two workers under way; each call taken (read) only when submitted
+            assert len(cluster.submitted) == len(read) == min(10, len(seen) + 4)
+            cluster.submitted[index].end()
+            await until(lambda: len(seen) == ended + 1)
+        return await mapped
+
+    assert asyncio.run(main()) == [n * 10 for n in range(10)]  # in call order
+    assert [index for index, _ in seen] == order  # in the order they ended
 
 
 def test_a_shard_runs_self_contained_and_replays_from_the_journal(tmp_path):

@@ -13,7 +13,8 @@ recipe's `max_concurrency` per teacher. A local cluster runs one shard per worke
 (Dask: one thread per worker process; Ray: `num_cpus` = workers, a task takes one CPU), so
 there the limit is per worker. On a cluster of your own, a Dask worker runs as many shards at
 once as it has threads (`dask worker ADDRESS --nthreads 1` for one) and a Ray node as many as
-it has CPUs.
+it has CPUs. Shards are submitted as the cluster takes them, twice as many at once as it has
+worker threads (Dask) or CPUs (Ray), counted when the map starts.
 
 Workers need the flow's Prefect API: without PREFECT_API_URL a flow runs on a temporary
 server, and each worker would start one of its own; `workers_reach_the_api` hands them the
@@ -24,12 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect.futures import PrefectFuture, as_completed
+from prefect.futures import PrefectFuture
 from prefect.task_runners import TaskRunner
 from prefect.tasks import Task
 
@@ -108,17 +109,53 @@ def for_workers(recipe: Recipe) -> Recipe:
 
 
 async def map_on_workers(
-    runner: TaskRunner, task: Task, calls: Sequence[dict[str, Any]],
+    runner: TaskRunner, task: Task, calls: Iterable[dict[str, Any]],
     on_finished: Callable[[Finished], Awaitable[None]],
 ) -> list[Any]:
     """`task(**call)` for each call on the cluster; `on_finished` sees each as it ends (in the
-    order they end). Returns each call's value, or the exception it failed with, in call order."""
-    futures = [submit(runner, task, **call) for call in calls]
-    outcomes: list[Any] = [None] * len(futures)
-    async for done in finished(futures):
-        outcomes[done.index] = done.value
+    order they end). Returns each call's value, or the exception it failed with, in call order.
+
+    Calls are taken from `calls` as they are submitted, at most twice as many at once as the
+    cluster runs (`shards_at_once_on`): each worker has one waiting for it, and the flow does
+    not hold every shard's problems (nor the cluster every task) up front."""
+    loop = asyncio.get_running_loop()
+    ended: asyncio.Queue[tuple[int, PrefectFuture]] = asyncio.Queue()
+    waiting = iter(calls)
+    outcomes: list[Any] = []
+
+    def submit_next() -> bool:
+        call = next(waiting, None)
+        if call is None:
+            return False
+        index = len(outcomes)
+        outcomes.append(None)
+        future = submit(runner, task, **call)
+        # called in a Dask or Ray thread
+        future.add_done_callback(lambda f: loop.call_soon_threadsafe(ended.put_nowait, (index, f)))
+        return True
+
+    in_flight = 0
+    at_once = 2 * await asyncio.to_thread(shards_at_once_on, runner)
+    while in_flight < at_once and submit_next():
+        in_flight += 1
+    while in_flight:
+        index, future = await ended.get()
+        done = await asyncio.to_thread(_outcome, index, future)  # reads the result from the worker
+        outcomes[index] = done.value
+        in_flight -= 1
+        if submit_next():
+            in_flight += 1
         await on_finished(done)
     return outcomes
+
+
+def shards_at_once_on(runner: TaskRunner) -> int:
+    """How many tasks the runner's cluster runs at once: its Dask workers' threads, its Ray CPUs."""
+    if hasattr(runner, "client"):  # Dask
+        return max(1, sum(runner.client.nthreads().values()))
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 @contextlib.contextmanager
@@ -156,32 +193,6 @@ class Finished:
     value: Any
     failed: bool
     cached: bool
-
-
-async def finished(futures: list[PrefectFuture]) -> AsyncIterator[Finished]:
-    """Each future as it ends, in the order they end, waited for in one thread so the
-    event loop stays free. A task's own exception is its value (`failed`); a lost worker or
-    a result that cannot be read is one too."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Finished | BaseException] = asyncio.Queue()
-    position = {id(future): i for i, future in enumerate(futures)}
-
-    def wait() -> None:
-        try:
-            for future in as_completed(futures):
-                loop.call_soon_threadsafe(queue.put_nowait, _outcome(position[id(future)], future))
-        except BaseException as exc:  # noqa: BLE001 - handed to the flow's loop, raised there
-            loop.call_soon_threadsafe(queue.put_nowait, exc)
-
-    waiter = loop.run_in_executor(None, wait)
-    try:
-        for _ in futures:
-            item = await queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        await waiter
 
 
 def _outcome(index: int, future: PrefectFuture) -> Finished:
