@@ -288,11 +288,11 @@ def test_crash_mid_write_keeps_previous_dataset(tmp_path, monkeypatch, load):
     real_write = publish._write_parquet
     calls = []
 
-    def write_then_crash(table, path):
+    def write_then_crash(path, *rest):
         calls.append(path)
         if len(calls) > 1:
             raise OSError("disk full")
-        real_write(table, path)
+        return real_write(path, *rest)
 
     monkeypatch.setattr(publish, "_write_parquet", write_then_crash)
     with pytest.raises(OSError, match="disk full"):
@@ -305,7 +305,7 @@ def test_crash_mid_write_keeps_previous_dataset(tmp_path, monkeypatch, load):
 
 
 def test_crash_on_first_publish_leaves_nothing(tmp_path, monkeypatch):
-    def crash(table, path):
+    def crash(path, *rest):
         raise OSError("disk full")
 
     monkeypatch.setattr(publish, "_write_parquet", crash)

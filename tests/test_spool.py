@@ -31,6 +31,44 @@ def test_spooled_shards_publish_the_same_files_as_the_rows_in_memory(tmp_path):
     assert read_dataset_rows(tmp_path / "b") == [row.model_dump() for row in rows]
 
 
+def test_big_files_are_written_a_row_group_at_a_time_as_pyarrow_writes_the_whole_table(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import flows.publishing.parquet as parquet
+
+    rows = make_rows(5000)
+    spool = RowSpool(tmp_path / "spool", {"rows": Row})
+    for index, start in enumerate(range(0, 5000, 700)):  # shards that do not line up with anything
+        spool.add(index, {"rows": rows[start : start + 700]})
+    table = pa.Table.from_pylist([row.model_dump() for row in rows], schema=features_for(Row).arrow_schema)
+    monkeypatch.setattr(parquet, "ROW_GROUP_BYTES", table.nbytes * 2 // 5)  # row groups of ~2,000 rows
+
+    parts = spool.rows("rows").parts
+    read, writes = [], []
+    watched = [parquet.TablePart(p.rows, p.nbytes, lambda p=p: read.append(p) or p.read()) for p in parts]
+
+    class Writer(pq.ParquetWriter):
+        def write_table(self, table, row_group_size=None):
+            writes.append(len(read))  # parts read by the time each row group is written
+            super().write_table(table, row_group_size)
+
+    monkeypatch.setattr(parquet.pq, "ParquetWriter", Writer)
+    spooled = publish_dataset(tmp_path / "b", parquet.CheckedTables(watched), features_for(Row), CARD)
+    monkeypatch.undo()
+    [file] = spooled.files
+    groups = pq.ParquetFile(file).metadata
+    size = groups.row_group(0).num_rows
+    assert groups.num_row_groups == 3 and 1900 < size < 2100
+    # each row group written as soon as its rows were read: the parts of 700 rows it reaches into
+    assert writes == [-(-min(5000, end) // 700) for end in (size, 2 * size, 3 * size)]
+    expected = tmp_path / "whole.parquet"
+    with pq.ParquetWriter(expected, table.schema, compression="zstd") as writer:
+        writer.write_table(table, row_group_size=groups.row_group(0).num_rows)
+    assert file.read_bytes() == expected.read_bytes()
+    assert read_dataset_rows(tmp_path / "b") == [row.model_dump() for row in rows]
+
+
 def test_a_bad_row_is_refused_naming_the_dataset_shard_and_row(tmp_path):
     spool = RowSpool(tmp_path / "spool", {"rows": Row})
     good = make_rows(3)[0].model_dump()

@@ -10,7 +10,9 @@ Out: a folder that `datasets.load_dataset(str(folder))` loads offline:
 
 The folder is built in a hidden sibling (`.{name}.tmp-<pid>`) and swapped in only once
 it is complete, so a crash never leaves half a dataset at `folder`. The same rows give
-byte-identical Parquet files and the same checksum.
+byte-identical Parquet files and the same checksum, whether they come as a list or as
+`CheckedTables` (a run's spooled shards), which are read a part at a time: the writer
+holds one row group's rows (at most ~100 MB of Arrow data), not a whole file's.
 
     from flows.publishing.parquet import DatasetCardInfo, features_for, publish_dataset
     publish_dataset(out / "composites", composites, features_for(Composite), card)
@@ -25,7 +27,7 @@ import re
 import shutil
 import types
 import typing
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,6 +52,7 @@ MESSAGE_FEATURE: dict[str, datasets.Value] = {
 
 # Row groups of at most ~100 MB uncompressed, as `datasets` and the Hub viewer expect.
 ROW_GROUP_BYTES = 100 * 1024 * 1024
+_WRITE_BATCH_ROWS = 1024  # pyarrow's Parquet `write_batch_size`: a column chunk is encoded that many rows at a time
 
 _SCALARS: dict[type, str] = {str: "string", bool: "bool", int: "int64", float: "float64"}
 _SIZE_CATEGORIES = [
@@ -75,12 +78,25 @@ class DatasetCardInfo:
 
 
 @dataclass(frozen=True)
-class CheckedTables:
+class TablePart:
     """Rows already checked and converted to the dataset's Arrow schema (`checked_table`),
-    e.g. a run's spooled shards: how many, and a way to read them in order."""
+    e.g. one spooled shard's: how many, their Arrow size, and how to read them."""
 
-    num_rows: int
-    tables: Callable[[], Iterator[pa.Table]]
+    rows: int
+    nbytes: int
+    read: Callable[[], pa.Table]
+
+
+@dataclass(frozen=True)
+class CheckedTables:
+    """A dataset's rows as parts in order (a run's spooled shards), each read only when its
+    rows are written."""
+
+    parts: list[TablePart]
+
+    @property
+    def num_rows(self) -> int:
+        return sum(part.rows for part in self.parts)
 
 
 @dataclass(frozen=True)
@@ -191,18 +207,16 @@ def _write_data_files(
     split: str,
 ) -> list[_WrittenFile]:
     (staging / "data").mkdir(parents=True)
-    if isinstance(rows, CheckedTables):
-        total, tables = rows.num_rows, rows.tables()
-    else:
-        total, tables = len(rows), _checked_chunks(rows, features, rows_per_file)
+    parts = rows.parts if isinstance(rows, CheckedTables) else _checked_parts(rows, features, rows_per_file)
+    total = sum(part.rows for part in parts)
     files = max(1, -(-total // rows_per_file))  # zero rows still give one (empty) file: the schema is on disk
-    written = []
-    for index, table in enumerate(_in_files(tables, rows_per_file, features.arrow_schema)):
+    stream, written = _RowStream(parts), []
+    for index in range(files):
+        start, stop = index * rows_per_file, min(total, (index + 1) * rows_per_file)
         relpath = f"data/{split}-{index:05d}-of-{files:05d}.parquet"
-        _write_parquet(table, staging / relpath)
-        written.append(_describe_file(staging, relpath, table))
-    if len(written) != files or sum(w.rows for w in written) != total:
-        raise ValueError(f"expected {total} rows in {files} file(s), read {sum(w.rows for w in written)}")
+        arrow_bytes = _write_parquet(staging / relpath, stream, stop - start, _bytes_between(parts, start, stop),
+                                     features.arrow_schema)
+        written.append(_describe_file(staging, relpath, stop - start, arrow_bytes))
     return written
 
 
@@ -215,30 +229,46 @@ def checked_table(rows: Sequence[dict] | Sequence[pydantic.BaseModel], features:
     return _to_table(checked, features.arrow_schema, first_index)
 
 
-def _checked_chunks(rows: Sequence, features: datasets.Features, rows_per_file: int) -> Iterator[pa.Table]:
-    for start in range(0, len(rows), rows_per_file):
-        yield checked_table(rows[start : start + rows_per_file], features, start)
+def _checked_parts(rows: Sequence, features: datasets.Features, rows_per_file: int) -> list[TablePart]:
+    tables = [checked_table(rows[start : start + rows_per_file], features, start)
+              for start in range(0, len(rows), rows_per_file)]
+    return [TablePart(table.num_rows, table.nbytes, lambda table=table: table) for table in tables]
 
 
-def _in_files(tables: Iterable[pa.Table], rows_per_file: int, schema: pa.Schema) -> Iterator[pa.Table]:
-    """The rows of `tables`, in order, regrouped `rows_per_file` to a table (the last one
-    shorter); one empty table for no rows."""
-    pending: list[pa.Table] = []
-    count, any_yielded = 0, False
-    for table in tables:
-        while table.num_rows:
-            take = min(rows_per_file - count, table.num_rows)
-            pending.append(table.slice(0, take) if take < table.num_rows else table)
-            count, table = count + take, table.slice(take)
-            if count == rows_per_file:
-                yield _joined(pending)
-                pending, count, any_yielded = [], 0, True
-    if pending or not any_yielded:
-        yield _joined(pending) if pending else pa.Table.from_pylist([], schema=schema)
+class _RowStream:
+    """The rows of `parts` in order, a part read when its first row is taken and let go
+    once its last is."""
+
+    def __init__(self, parts: Iterable[TablePart]) -> None:
+        self._parts = iter(parts)
+        self._table: pa.Table | None = None
+
+    def take(self, count: int) -> list[pa.Table]:
+        taken = []
+        while count:
+            if self._table is None or not self._table.num_rows:
+                part = next(self._parts, None)
+                if part is None:
+                    raise ValueError(f"{count} row(s) short of what the parts said they hold")
+                self._table = part.read()
+                if self._table.num_rows != part.rows:
+                    raise ValueError(f"a part said it holds {part.rows} rows, read {self._table.num_rows}")
+            piece = self._table.slice(0, count)
+            self._table = self._table.slice(piece.num_rows)
+            taken.append(piece)
+            count -= piece.num_rows
+        return taken
 
 
-def _joined(tables: list[pa.Table]) -> pa.Table:
-    return tables[0] if len(tables) == 1 else pa.concat_tables(tables).combine_chunks()
+def _bytes_between(parts: list[TablePart], start: int, stop: int) -> int:
+    """The Arrow size of rows start..stop, from each part's size in proportion to its rows there."""
+    total, first = 0, 0
+    for part in parts:
+        overlap = min(stop, first + part.rows) - max(start, first)
+        if overlap > 0:
+            total += part.nbytes * overlap // part.rows
+        first += part.rows
+    return total
 
 
 def _checked_row(
@@ -318,26 +348,38 @@ def _locate_bad_value(chunk: list[dict], schema: pa.Schema, first_index: int) ->
     return f"rows {first_index}..{first_index + len(chunk) - 1}"
 
 
-def _write_parquet(table: pa.Table, path: Path) -> None:
-    # An empty table gets no row group at all: `datasets` cannot read a 0-row group.
-    # pyarrow stores no timestamps, so equal tables give byte-equal files.
-    with pq.ParquetWriter(path, table.schema, compression="zstd") as writer:
-        if table.num_rows:
-            writer.write_table(table, row_group_size=_row_group_rows(table))
+def _write_parquet(path: Path, stream: _RowStream, rows: int, nbytes: int, schema: pa.Schema) -> int:
+    """The next `rows` of `stream` as one Parquet file, a row group at a time; returns their Arrow size.
+
+    Only one row group's rows are in memory at once, in blocks of the writer's 1,024-row
+    batches counted from the row group's start: the file is then byte for byte what
+    `write_table` of the whole table writes, however the rows came in parts (the same rows
+    give the same file). An empty file gets no row group at all: `datasets` cannot read a
+    0-row group. pyarrow stores no timestamps.
+    """
+    group_rows = max(1, rows if nbytes == 0 else rows * ROW_GROUP_BYTES // nbytes)
+    arrow_bytes = 0
+    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+        for group_start in range(0, rows, group_rows):
+            size = min(group_rows, rows - group_start)
+            blocks = [_fresh(stream.take(min(_WRITE_BATCH_ROWS, size - offset)))
+                      for offset in range(0, size, _WRITE_BATCH_ROWS)]
+            arrow_bytes += sum(block.nbytes for block in blocks)
+            writer.write_table(pa.concat_tables(blocks), row_group_size=size)
+    return arrow_bytes
 
 
-def _row_group_rows(table: pa.Table) -> int:
-    if table.nbytes == 0:
-        return table.num_rows
-    return max(1, table.num_rows * ROW_GROUP_BYTES // table.nbytes)
+def _fresh(pieces: list[pa.Table]) -> pa.Table:
+    """`pieces` as one table of new, unsliced arrays (a slice's `nbytes` depends on where it was cut)."""
+    return pa.concat_tables([*pieces, pieces[0].slice(0, 0)]).combine_chunks()
 
 
-def _describe_file(root: Path, relpath: str, table: pa.Table) -> _WrittenFile:
+def _describe_file(root: Path, relpath: str, rows: int, arrow_bytes: int) -> _WrittenFile:
     path = root / relpath
     return _WrittenFile(
         relpath=relpath,
-        rows=table.num_rows,
-        arrow_bytes=table.nbytes,
+        rows=rows,
+        arrow_bytes=arrow_bytes,
         file_bytes=path.stat().st_size,
         sha256=_sha256_file(path),
     )
