@@ -104,7 +104,8 @@ class _Future:
 
 def test_shards_go_to_the_cluster_as_it_takes_them_not_all_at_once():
     class Cluster:
-        client = SimpleNamespace(nthreads=lambda: {"worker-1": 1, "worker-2": 1})
+        workers = {"worker-1": 1, "worker-2": 1}
+        client = SimpleNamespace(nthreads=lambda: Cluster.workers)
         submitted: list[_Future] = []
 
         def submit(self, task, parameters):
@@ -114,7 +115,7 @@ def test_shards_go_to_the_cluster_as_it_takes_them_not_all_at_once():
     cluster, read, seen = Cluster(), [], []
 
     def calls():
-        for n in range(10):
+        for n in range(14):
             read.append(n)  # a shard's problems are read when its call is taken
             yield {"n": n}
 
@@ -128,19 +129,21 @@ def test_shards_go_to_the_cluster_as_it_takes_them_not_all_at_once():
             await asyncio.sleep(0.01)
         raise AssertionError("timed out")
 
-    order = [3, 0, 1, 2, 4, 5, 6, 7, 8, 9]  # out of order, one at a time
+    order = [3, 0, 1, 2, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]  # out of order, one at a time
 
     async def main():
         mapped = asyncio.create_task(map_on_workers(cluster, None, calls(), on_finished))
         for ended, index in enumerate(order):
             await until(lambda: len(cluster.submitted) > index)
-            # twice the cluster's two workers under way; each call taken (read) only when submitted
-            assert len(cluster.submitted) == len(read) == min(10, len(seen) + 4)
+            # twice the cluster's workers under way; each call taken (read) only when submitted
+            assert len(cluster.submitted) == len(read) == min(14, len(seen) + 2 * len(Cluster.workers))
+            if ended == 5:
+                Cluster.workers = {**Cluster.workers, "worker-3": 1}  # the cluster scales up
             cluster.submitted[index].end()
             await until(lambda: len(seen) == ended + 1)
         return await mapped
 
-    assert asyncio.run(main()) == [n * 10 for n in range(10)]  # in call order
+    assert asyncio.run(main()) == [n * 10 for n in range(14)]  # in call order
     assert [index for index, _ in seen] == order  # in the order they ended
 
 

@@ -14,7 +14,8 @@ recipe's `max_concurrency` per teacher. A local cluster runs one shard per worke
 there the limit is per worker. On a cluster of your own, a Dask worker runs as many shards at
 once as it has threads (`dask worker ADDRESS --nthreads 1` for one) and a Ray node as many as
 it has CPUs. Shards are submitted as the cluster takes them, twice as many at once as it has
-worker threads (Dask) or CPUs (Ray), counted when the map starts.
+worker threads (Dask) or CPUs (Ray), counted again as each shard ends (a cluster that
+scales up gets more).
 
 Workers need the flow's Prefect API: without PREFECT_API_URL a flow runs on a temporary
 server, and each worker would start one of its own; `workers_reach_the_api` hands them the
@@ -116,8 +117,9 @@ async def map_on_workers(
     order they end). Returns each call's value, or the exception it failed with, in call order.
 
     Calls are taken from `calls` as they are submitted, at most twice as many at once as the
-    cluster runs (`shards_at_once_on`): each worker has one waiting for it, and the flow does
-    not hold every shard's problems (nor the cluster every task) up front."""
+    cluster runs (`shards_at_once_on`, asked again as each ends): each worker has one waiting
+    for it, and the flow does not hold every shard's problems (nor the cluster every task)
+    up front."""
     loop = asyncio.get_running_loop()
     ended: asyncio.Queue[tuple[int, PrefectFuture]] = asyncio.Queue()
     waiting = iter(calls)
@@ -135,16 +137,20 @@ async def map_on_workers(
         return True
 
     in_flight = 0
-    at_once = 2 * await asyncio.to_thread(shards_at_once_on, runner)
-    while in_flight < at_once and submit_next():
-        in_flight += 1
+
+    async def fill() -> None:  # the cluster counted again each time: one that grows gets more
+        nonlocal in_flight
+        at_once = 2 * await asyncio.to_thread(shards_at_once_on, runner)
+        while in_flight < at_once and submit_next():
+            in_flight += 1
+
+    await fill()
     while in_flight:
         index, future = await ended.get()
         done = await asyncio.to_thread(_outcome, index, future)  # reads the result from the worker
         outcomes[index] = done.value
         in_flight -= 1
-        if submit_next():
-            in_flight += 1
+        await fill()
         await on_finished(done)
     return outcomes
 
