@@ -59,16 +59,19 @@ class ProblemShards:
         return -(-self.count // self.shard_size)
 
     def size(self, index: int) -> int:
-        return len(self.offsets[index * self.shard_size : (index + 1) * self.shard_size])
+        return len(self._offsets_of(index))
 
     def read(self, index: int) -> list[Problem]:
         """Shard `index`'s problems, in run order."""
         if not 0 <= index < len(self):
             raise IndexError(f"shard {index} of {len(self)}")
-        return _read_lines(self.path, self.offsets[index * self.shard_size : (index + 1) * self.shard_size])
+        return _read_lines(self.path, self._offsets_of(index))
 
     def read_all(self) -> list[Problem]:
         return _read_lines(self.path, self.offsets)
+
+    def _offsets_of(self, index: int) -> np.ndarray:
+        return self.offsets[index * self.shard_size : (index + 1) * self.shard_size]
 
 
 def problem_shards(spec: ProblemsSpec, shard_size: int, folder: Path) -> ProblemShards:
@@ -78,11 +81,11 @@ def problem_shards(spec: ProblemsSpec, shard_size: int, folder: Path) -> Problem
     path = folder / f"{_spec_digest(spec)}.jsonl"
     partial = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        offsets, rows = _write_problems(spec, partial)
+        offsets, ids = _write_problems(spec, partial)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
-    order = _run_order(spec, path, offsets, rows)
+    order = _run_order(spec, path, offsets, ids)
     return ProblemShards(path, np.asarray(offsets, dtype=np.int64)[order], shard_size)
 
 
@@ -101,22 +104,16 @@ def _spec_digest(spec: ProblemsSpec) -> str:
     return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
 
 
-@dataclass
-class _Rows:
-    """Per problem written, in source order: a 64-bit hash of its id, and its row in the source."""
-
-    ids: array
-    source_rows: array
-
-
-def _write_problems(spec: ProblemsSpec, path: Path) -> tuple[array, _Rows]:
+def _write_problems(spec: ProblemsSpec, path: Path) -> tuple[array, array]:
+    """Every problem of the source as a line of `path`; per problem, in source order, its
+    line's offset and a 64-bit hash of its id."""
     if spec.source == BUILTIN_ARITHMETIC:
         problems = iter(arithmetic_problems(spec.limit or 0, seed=spec.seed))
     elif spec.source.startswith("builtin:"):
         raise ProblemSourceError(f"unknown built-in problem source {spec.source!r} (known: {BUILTIN_ARITHMETIC})")
     else:
         problems = read_problems(spec)
-    offsets, rows = array("q"), _Rows(array("q"), array("q"))
+    offsets, ids = array("q"), array("q")
     position = 0
     with path.open("wb") as out:
         for problem in problems:
@@ -124,25 +121,24 @@ def _write_problems(spec: ProblemsSpec, path: Path) -> tuple[array, _Rows]:
             out.write(line)
             offsets.append(position)
             position += len(line)
-            rows.ids.append(_hash(problem.id))
-            rows.source_rows.append(problem.source_row)
-    return offsets, rows
+            ids.append(_hash(problem.id))
+    return offsets, ids
 
 
 def _hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
 
 
-def _run_order(spec: ProblemsSpec, path: Path, offsets: array, rows: _Rows) -> list[int]:
+def _run_order(spec: ProblemsSpec, path: Path, offsets: array, ids: array) -> list[int]:
     """Indexes of the written problems in run order: duplicates dropped, shuffled, limited."""
-    kept = _without_duplicates(spec.source, path, offsets, rows)
+    kept = _without_duplicates(spec.source, path, offsets, ids)
     if spec.shuffle:
         random.Random(spec.seed).shuffle(kept)
     return kept[: spec.limit] if spec.limit else kept
 
 
-def _without_duplicates(source: str, path: Path, offsets: array, rows: _Rows) -> list[int]:
-    ids = np.frombuffer(rows.ids, dtype=np.int64) if len(rows.ids) else np.zeros(0, dtype=np.int64)
+def _without_duplicates(source: str, path: Path, offsets: array, id_hashes: array) -> list[int]:
+    ids = np.frombuffer(id_hashes, dtype=np.int64) if len(id_hashes) else np.zeros(0, dtype=np.int64)
     by_id = np.argsort(ids, kind="stable")  # equal hashes stay in source order
     meets = np.flatnonzero(ids[by_id][1:] == ids[by_id][:-1])
     if not len(meets):
