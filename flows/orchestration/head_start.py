@@ -10,8 +10,8 @@ requests are out, and calls it.
 Until the flow takes the runtime over (`claim`), each teacher keeps as many shards under
 way as the flow would, starting the next as one finishes. The answer task of each of
 those shards then awaits the answers already under way (`HeadStart.take`) instead of
-asking for them again. What the flow does not take (a shard whose answers Prefect had cached) is cancelled when
-it finishes; every answer received is journaled either way. A head start that cannot be
+asking for them again. What the flow does not take (a shard whose answers Prefect had
+cached) is cancelled when it finishes; every answer received is journaled either way. A head start that cannot be
 set up (a bad problem file, no sandbox) is dropped without a word: the flow meets the same
 error and reports it as usual. Nothing here imports Prefect.
 """
@@ -139,7 +139,7 @@ async def claim(recipe: Recipe) -> HeadStart | None:
     if head is not None and head.recipe == recipe:
         head.stop_starting()  # from here the flow starts shards
         await asyncio.gather(*head.feeders, return_exceptions=True)
-        head.feeders = []  # a finished task keeps its coroutine, and the feeder's the run's whole problem list
+        head.feeders = []  # a finished task keeps its coroutine, and with it the shards the feeder last read
         return head
     if head is not None:
         await _close(head)

@@ -1,10 +1,12 @@
-"""What every flow run shares: its name in the Prefect UI, and the push to the Hub."""
+"""What every flow run shares: its name in the Prefect UI, what it forgets of finished
+tasks, and the push to the Hub."""
 
 from __future__ import annotations
 
 from dataclasses import asdict
 
 from prefect import task
+from prefect.context import FlowRunContext
 
 from schemas.recipe import Recipe
 
@@ -16,6 +18,22 @@ def flow_run_name() -> str:
     parameters = flow_run.parameters or {}
     recipe = parameters.get("recipe") or {}
     return str(parameters.get("recipe_path") or recipe.get("run_name") or "recipe")
+
+
+def forget_links(*results: object) -> None:
+    """Drop what Prefect remembers of these finished task results for the rest of the flow run.
+
+    For dependency tracking, Prefect maps the `id()` of every task result, and of each member
+    of a returned list, tuple or dict, to its task run's state (`FlowRunContext.run_results`),
+    for as long as the flow runs: ~2 entries a problem, for every shard of the run. Our flows
+    pass results on `quote`d, so those entries are never looked up."""
+    context = FlowRunContext.get()
+    if context is None:
+        return
+    for result in results:
+        members = result.values() if isinstance(result, dict) else result if isinstance(result, (list, tuple)) else ()
+        for item in (result, *members):
+            context.run_results.pop(id(item), None)
 
 
 @task(name="push-to-hub")

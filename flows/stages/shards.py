@@ -74,23 +74,6 @@ def scoped_run_token(state_dir: Path) -> str:
 PERSISTED = {"persist_result": True, "cache_result_in_memory": False}
 
 
-def forget_links(*results: object) -> None:
-    """Drop what Prefect remembers of these finished task results for the rest of the flow run.
-
-    For dependency tracking, Prefect maps the `id()` of every task result, and of each member
-    of a returned list, tuple or dict, to its task run's state (`FlowRunContext.run_results`),
-    for as long as the flow runs: ~2 entries a problem, for every shard of the run. Our flows
-    pass results on `quote`d, so those entries are never looked up."""
-    from prefect.context import FlowRunContext
-
-    context = FlowRunContext.get()
-    if context is None:
-        return
-    for result in results:
-        members = result.values() if isinstance(result, dict) else result if isinstance(result, (list, tuple)) else ()
-        for item in (result, *members):
-            context.run_results.pop(id(item), None)
-
 
 def key_parameter(context, parameters) -> str:  # noqa: ANN001 - Prefect's cache_key_fn signature
     """Prefect cache key of a stage task: its `key` parameter, a `content_key` of its inputs."""
