@@ -95,20 +95,27 @@ def serve(problems: Path, count: int, latency: float, code_share: float, code_bl
 
     rows = write_problems(problems, count)
     script = TimedTeachers(rows, code_share, code_blocks)
+    late: list[float] = []  # how long past `latency` each answer was sent: this server's own delay
 
     async def chat(request: web.Request) -> web.Response:
         body = await request.json()
+        arrived = time.monotonic()
         reply = script(body)
         await asyncio.sleep(latency)
+        late.append(time.monotonic() - arrived - latency)
         return web.json_response(completion_body(body, reply))
 
     async def stats(request: web.Request) -> web.Response:
         return web.json_response({**script.spans, "cpu_s": time.process_time()})
 
+    async def lateness(request: web.Request) -> web.Response:
+        return web.json_response(late)
+
     async def run() -> None:
         app = web.Application(client_max_size=64 * 1024**2)
         app.router.add_post("/v1/chat/completions", chat)
         app.router.add_get("/v1/_stats", stats)
+        app.router.add_get("/v1/_late", lateness)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)

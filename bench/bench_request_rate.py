@@ -13,12 +13,16 @@ Then, in turn:
   publishing included), and its peak memory.
 
 Each prints its rate as a share of the ideal 2 × concurrency / latency requests per second.
+`--detail` adds where ours loses time: requests sent in each second, the requests the fake
+server held in flight per teacher during the first seconds and after, and the fake server's
+own delay in answering (so a slow fake server is not mistaken for a slow client).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import json
 import os
 import subprocess
@@ -34,6 +38,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_deployment import start_server  # noqa: E402
 from flow_helpers import write_recipe  # noqa: E402
+
+RAMP_S = 8.0  # --detail: the run's first seconds, told apart from the steady state
 
 
 async def bare_client(base_url: str, problems: list[str], concurrency: int) -> float:
@@ -98,8 +104,11 @@ def main() -> None:
                 raise SystemExit(f"distillery run failed: wait status {status}")
             ours_s = ended - started
             with urllib.request.urlopen(base_url + "/_stats") as reply:  # request arrival times per teacher
-                arrivals = sorted(t for role, times in json.load(reply).items() if role != "cpu_s"
-                                  for t in times if t >= started)
+                by_teacher = {role: sorted(t for t in times if t >= started)
+                              for role, times in json.load(reply).items() if role != "cpu_s"}
+            arrivals = sorted(t for times in by_teacher.values() for t in times)
+            with urllib.request.urlopen(base_url + "/_late") as reply:  # ours are the last answers
+                late = sorted(json.load(reply)[-requests:])
         finally:
             fake.kill()
             server.terminate()
@@ -118,6 +127,22 @@ def main() -> None:
         for arrival in arrivals:
             seconds[int(arrival - arrivals[0])] += 1
         print("requests sent in each second from the first:", " ".join(map(str, seconds)))
+        ramp = arrivals[0] + RAMP_S
+        print(f"ours, requests in flight at the fake server (of {args.concurrency} a teacher), in the first {RAMP_S:.0f} s "
+              "(Prefect's flow start, imports) / after: " + ", ".join(
+                  f"{role} {_in_flight(times, times[0], ramp, args.latency):.1f} / "
+                  f"{_in_flight(times, ramp, times[-1], args.latency):.1f}" for role, times in by_teacher.items()))
+        print(f"the fake server's own delay past the latency, ours: mean {1000 * sum(late) / len(late):.1f} ms, "
+              f"99th percentile {1000 * late[int(0.99 * len(late))]:.1f} ms; the rest of a request's overhead is in "
+              "the client's process, the OS and the fake server's reading of the request")
+
+
+def _in_flight(arrivals: list[float], start: float, end: float, latency: float) -> float:
+    """Mean number of requests the server held over [start, end), sampled every 10 ms: those
+    that arrived within the last `latency` seconds (each is held that long, plus its delay)."""
+    points = [start + i * 0.01 for i in range(int((end - start) / 0.01))]
+    held = [bisect.bisect_right(arrivals, at) - bisect.bisect_right(arrivals, at - latency) for at in points]
+    return sum(held) / len(held)
 
 
 if __name__ == "__main__":
