@@ -119,3 +119,23 @@ def test_duplicates_are_told_apart_by_id_when_their_hashes_collide(tmp_path, mon
     path = write_jsonl(tmp_path / "q.jsonl", rows)
     with pytest.raises(ProblemSourceError, match=r"q\.jsonl row 6: id 'q1' already used by row 1"):
         load_problems(ProblemsSpec(source=str(path), columns=ColumnMap(id="id")))
+
+
+def test_builtin_problems_are_used_in_the_order_they_were_drawn(tmp_path):
+    spec = ProblemsSpec(source="builtin:arithmetic", limit=20, shuffle=True, seed=3)
+    drawn = [p.id for p in arithmetic_problems(20, seed=3)]
+    shards = problem_shards(spec, 6, tmp_path / "state")
+    assert [p.id for i in range(len(shards)) for p in shards.read(i)] == drawn == [p.id for p in load_problems(spec)]
+
+
+def test_a_run_reads_the_problems_it_wrote_after_a_later_run_replaces_the_file(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", _rows(12))
+    spec = ProblemsSpec(source=str(path), columns=ColumnMap(id="id"))
+    running = problem_shards(spec, 5, tmp_path / "state")
+    write_jsonl(path, [{"id": f"new{i}", "problem": f"{i}*2?", "answer": str(2 * i)} for i in range(12)])
+    later = problem_shards(spec, 5, tmp_path / "state")  # same settings: the same file name, rewritten
+    assert [p.id for p in later.read(0)] == [f"new{i}" for i in range(5)]
+    assert [p.id for p in running.read(1)] == [f"q{i}" for i in range(5, 10)]
+    other = problem_shards(spec.model_copy(update={"limit": 4}), 5, tmp_path / "state")
+    assert sorted((tmp_path / "state").iterdir()) == [other.path]  # the other settings' file is gone...
+    assert [p.id for p in running.read(2)] == ["q10", "q11"] and later.read(0)[0].id == "new0"  # ...not for them

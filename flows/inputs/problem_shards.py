@@ -15,9 +15,12 @@ offset a problem (8 bytes), in run order:
   (and with it every shard, and every cached result) is the one earlier versions had;
 - cut to `limit`.
 
-`ProblemShards.read(i)` reads shard i's lines (one seek each) when the run starts that
-shard. The file is written anew, under a temporary name, every time a run starts; it is
-not pushed to a URL `output_dir` (each machine's flow writes its own).
+`ProblemShards.read(i)` reads shard i's lines (one `pread` each) when the run starts that
+shard. The file is written anew, under a temporary name, every time a run starts, and the
+run holds it open from then on: a run started later on the same folder replaces the file
+by name (and removes files of other problem settings), while this one goes on reading the
+lines it wrote. It is not pushed to a URL `output_dir` (each machine's flow writes its own).
+The built-in source is used as generated (its `limit` and `seed` drew it), as before.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ import hashlib
 import logging
 import os
 import random
+import secrets
 import tempfile
+import weakref
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +52,9 @@ class ProblemShards:
     Not iterable on purpose: `read` each shard when it starts, not all of them up front."""
 
     path: Path
-    offsets: np.ndarray  # byte offset of each problem's line in `path`, in run order
+    lines: _OpenLines  # the file this run wrote, held open
+    offsets: np.ndarray  # byte offset of each problem's line, in run order
+    lengths: np.ndarray  # and its length, without the newline
     shard_size: int
 
     @property
@@ -59,19 +66,20 @@ class ProblemShards:
         return -(-self.count // self.shard_size)
 
     def size(self, index: int) -> int:
-        return len(self._offsets_of(index))
+        return len(self._lines_of(index)[0])
 
     def read(self, index: int) -> list[Problem]:
         """Shard `index`'s problems, in run order."""
         if not 0 <= index < len(self):
             raise IndexError(f"shard {index} of {len(self)}")
-        return _read_lines(self.path, self._offsets_of(index))
+        return self.lines.read(*self._lines_of(index))
 
     def read_all(self) -> list[Problem]:
-        return _read_lines(self.path, self.offsets)
+        return self.lines.read(self.offsets, self.lengths)
 
-    def _offsets_of(self, index: int) -> np.ndarray:
-        return self.offsets[index * self.shard_size : (index + 1) * self.shard_size]
+    def _lines_of(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        shard = slice(index * self.shard_size, (index + 1) * self.shard_size)
+        return self.offsets[shard], self.lengths[shard]
 
 
 def problem_shards(spec: ProblemsSpec, shard_size: int, folder: Path) -> ProblemShards:
@@ -79,14 +87,19 @@ def problem_shards(spec: ProblemsSpec, shard_size: int, folder: Path) -> Problem
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{_spec_digest(spec)}.jsonl"
-    partial = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    partial = path.with_name(f"{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
-        offsets, ids = _write_problems(spec, partial)
+        offsets, lengths, ids = _write_problems(spec, partial)
+        lines = _OpenLines(partial)  # opened before the rename: a run replacing it at once cannot swap it
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
-    order = _run_order(spec, path, offsets, ids)
-    return ProblemShards(path, np.asarray(offsets, dtype=np.int64)[order], shard_size)
+    for stale in folder.glob("*.jsonl"):  # other problem settings' files; a run reading one holds it open
+        if stale != path:
+            stale.unlink(missing_ok=True)
+    order = _run_order(spec, lines, offsets, lengths, ids)
+    return ProblemShards(path, lines, np.asarray(offsets, dtype=np.int64)[order],
+                         np.asarray(lengths, dtype=np.int64)[order], shard_size)
 
 
 def run_problems(recipe: Recipe) -> ProblemShards:
@@ -104,40 +117,45 @@ def _spec_digest(spec: ProblemsSpec) -> str:
     return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
 
 
-def _write_problems(spec: ProblemsSpec, path: Path) -> tuple[array, array]:
+def _write_problems(spec: ProblemsSpec, path: Path) -> tuple[array, array, array]:
     """Every problem of the source as a line of `path`; per problem, in source order, its
-    line's offset and a 64-bit hash of its id."""
+    line's offset and length and a 64-bit hash of its id."""
     if spec.source == BUILTIN_ARITHMETIC:
         problems = iter(arithmetic_problems(spec.limit or 0, seed=spec.seed))
     elif spec.source.startswith("builtin:"):
         raise ProblemSourceError(f"unknown built-in problem source {spec.source!r} (known: {BUILTIN_ARITHMETIC})")
     else:
         problems = read_problems(spec)
-    offsets, ids = array("q"), array("q")
+    offsets, lengths, ids = array("q"), array("q"), array("q")
     position = 0
     with path.open("wb") as out:
         for problem in problems:
-            line = problem.model_dump_json().encode() + b"\n"
-            out.write(line)
+            line = problem.model_dump_json().encode()
+            out.write(line + b"\n")
             offsets.append(position)
-            position += len(line)
+            lengths.append(len(line))
+            position += len(line) + 1
             ids.append(_hash(problem.id))
-    return offsets, ids
+    return offsets, lengths, ids
 
 
 def _hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
 
 
-def _run_order(spec: ProblemsSpec, path: Path, offsets: array, ids: array) -> list[int]:
-    """Indexes of the written problems in run order: duplicates dropped, shuffled, limited."""
-    kept = _without_duplicates(spec.source, path, offsets, ids)
+def _run_order(spec: ProblemsSpec, lines: _OpenLines, offsets: array, lengths: array, ids: array) -> list[int]:
+    """Indexes of the written problems in run order: duplicates dropped, shuffled, limited.
+    The built-in source's problems are in the order they were drawn."""
+    if spec.source == BUILTIN_ARITHMETIC:
+        return list(range(len(offsets)))
+    kept = _without_duplicates(spec.source, lines, offsets, lengths, ids)
     if spec.shuffle:
         random.Random(spec.seed).shuffle(kept)
     return kept[: spec.limit] if spec.limit else kept
 
 
-def _without_duplicates(source: str, path: Path, offsets: array, id_hashes: array) -> list[int]:
+def _without_duplicates(source: str, lines: _OpenLines, offsets: array, lengths: array, id_hashes: array
+                        ) -> list[int]:
     ids = np.frombuffer(id_hashes, dtype=np.int64) if len(id_hashes) else np.zeros(0, dtype=np.int64)
     by_id = np.argsort(ids, kind="stable")  # equal hashes stay in source order
     meets = np.flatnonzero(ids[by_id][1:] == ids[by_id][:-1])
@@ -147,7 +165,8 @@ def _without_duplicates(source: str, path: Path, offsets: array, id_hashes: arra
     conflicts: list[tuple[int, str]] = []
     for group in _groups(by_id, meets):
         first: dict[str, Problem] = {}  # a colliding hash may hide several ids: compare the ids themselves
-        for index, problem in zip(group, _read_lines(path, np.asarray([offsets[i] for i in group]))):
+        read = lines.read(np.asarray([offsets[i] for i in group]), np.asarray([lengths[i] for i in group]))
+        for index, problem in zip(group, read):
             earlier = first.setdefault(problem.id, problem)
             if earlier is problem:
                 continue
@@ -174,10 +193,13 @@ def _groups(by_id: np.ndarray, meets: np.ndarray) -> list[list[int]]:
     return groups
 
 
-def _read_lines(path: Path, offsets: np.ndarray) -> list[Problem]:
-    with path.open("rb") as lines:
-        problems = []
-        for offset in offsets.tolist():
-            lines.seek(offset)
-            problems.append(Problem.model_validate_json(lines.readline()))
-        return problems
+class _OpenLines:
+    """A problems file held open for reading lines at known places (from any thread)."""
+
+    def __init__(self, path: Path) -> None:
+        self.descriptor = os.open(path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self.descriptor)
+
+    def read(self, offsets: np.ndarray, lengths: np.ndarray) -> list[Problem]:
+        return [Problem.model_validate_json(os.pread(self.descriptor, length, offset))
+                for offset, length in zip(offsets.tolist(), lengths.tolist(), strict=True)]
