@@ -452,3 +452,46 @@ def test_a_leakage_budget_reached_on_workers_stops_and_a_larger_one_continues(tm
     assert len(server.requests) == 800  # the rerun sent only what the first run had not
     assert len({json.dumps(r["messages"]) for r in server.requests}) == 800  # none sent twice
     assert report["kept_trait"] > 0
+
+
+def test_a_failure_while_submitting_stops_submitting_and_waits_for_the_shards_under_way():
+    class Cluster:
+        client = SimpleNamespace(nthreads=lambda: {"worker-1": 1, "worker-2": 1})
+        submitted: list[_Future] = []
+
+        def submit(self, task, parameters):
+            self.submitted.append(_Future(parameters["n"]))
+            return self.submitted[-1]
+
+    cluster, seen = Cluster(), []
+
+    def calls():
+        for n in range(10):
+            if n == 6:
+                raise OSError("problems file unreadable")  # reading shard 6's problems fails
+            yield {"n": n}
+
+    async def on_finished(done):
+        seen.append(done.value)
+
+    async def main():
+        mapped = asyncio.create_task(map_on_workers(cluster, None, calls(), on_finished))
+        for index in range(6):
+            for _ in range(500):
+                if len(cluster.submitted) > index:
+                    break
+                await asyncio.sleep(0.01)
+            if index == 2:
+                cluster.submitted[0].end()  # shard 0 ends; taking shard 4 then 5 is fine
+                cluster.submitted[1].end()
+        await asyncio.sleep(0.1)
+        cluster.submitted[2].end()  # its end takes shard 6, which fails to read
+        await asyncio.sleep(0.1)
+        assert not mapped.done()  # shards 3-5 are still under way: waited for, not dropped
+        for future in cluster.submitted[3:]:
+            future.end()
+        return await mapped
+
+    with pytest.raises(OSError, match="problems file unreadable"):
+        asyncio.run(main())
+    assert len(cluster.submitted) == 6 and sorted(seen) == [0, 1, 2]  # the shard that ended with the failure counted

@@ -144,14 +144,23 @@ async def map_on_workers(
         while in_flight < at_once and submit_next():
             in_flight += 1
 
-    await fill()
-    while in_flight:
-        index, future = await ended.get()
-        done = await asyncio.to_thread(_outcome, index, future)  # reads the result from the worker
-        outcomes[index] = done.value
-        in_flight -= 1
+    try:
         await fill()
-        await on_finished(done)
+        while in_flight:
+            index, future = await ended.get()
+            done = await asyncio.to_thread(_outcome, index, future)  # reads the result from the worker
+            outcomes[index] = done.value
+            in_flight -= 1
+            await on_finished(done)  # first: what ended reaches the spool even if submitting the next fails
+            await fill()
+    except Exception:
+        # reading the next call's problems, submitting it or `on_finished` failed: nothing more
+        # goes out, and the shards under way are waited for (their results are kept for a rerun)
+        # rather than killed with the cluster
+        while in_flight:
+            await ended.get()
+            in_flight -= 1
+        raise
     return outcomes
 
 
