@@ -60,13 +60,36 @@ def test_big_files_are_written_a_row_group_at_a_time_as_pyarrow_writes_the_whole
     groups = pq.ParquetFile(file).metadata
     size = groups.row_group(0).num_rows
     assert groups.num_row_groups == 3 and 1900 < size < 2100
-    # each row group written as soon as its rows were read: the parts of 700 rows it reaches into
-    assert writes == [-(-min(5000, end) // 700) for end in (size, 2 * size, 3 * size)]
+    # a pass over the 8 parts sizes the row groups; then each row group is written as soon as
+    # its rows were read: the parts of 700 rows it reaches into
+    assert read[:8] == parts and writes == [8 + -(-min(5000, end) // 700) for end in (size, 2 * size, 3 * size)]
     expected = tmp_path / "whole.parquet"
     with pq.ParquetWriter(expected, table.schema, compression="zstd") as writer:
         writer.write_table(table, row_group_size=groups.row_group(0).num_rows)
     assert file.read_bytes() == expected.read_bytes()
     assert read_dataset_rows(tmp_path / "b") == [row.model_dump() for row in rows]
+
+
+def test_the_same_rows_give_the_same_files_however_they_were_sharded(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    import flows.publishing.parquet as parquet
+
+    rows = make_rows(3000)
+    for row in rows[1500:]:  # rows of two sizes: a share of a shard's bytes is not a share of its rows
+        row.messages = [row.messages[0], {"role": "assistant", "content": row.messages[1]["content"] * 200}]
+    monkeypatch.setattr(parquet, "ROW_GROUP_BYTES", 60_000)
+    folders = {"in memory": publish_dataset(tmp_path / "memory", rows, features_for(Row), CARD, rows_per_file=1000)}
+    for shard_size in (700, 300):
+        spool = RowSpool(tmp_path / f"spool-{shard_size}", {"rows": Row})
+        for index, start in enumerate(range(0, 3000, shard_size)):
+            spool.add(index, {"rows": rows[start : start + shard_size]})
+        folders[f"shards of {shard_size}"] = publish_dataset(tmp_path / f"spooled-{shard_size}", spool.rows("rows"),
+                                                             features_for(Row), CARD, rows_per_file=1000)
+    contents = {how: [f.read_bytes() for f in published.files] for how, published in folders.items()}
+    assert contents["shards of 700"] == contents["in memory"] == contents["shards of 300"]
+    groups = [pq.ParquetFile(f).metadata.num_row_groups for f in folders["in memory"].files]
+    assert len(groups) == 3 and groups[0] > 1 and groups[2] > groups[0]  # several groups, fewer long rows each
 
 
 def test_a_bad_row_is_refused_naming_the_dataset_shard_and_row(tmp_path):

@@ -20,6 +20,7 @@ holds one row group's rows (at most ~100 MB of Arrow data), not a whole file's.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -214,7 +215,7 @@ def _write_data_files(
     for index in range(files):
         start, stop = index * rows_per_file, min(total, (index + 1) * rows_per_file)
         relpath = f"data/{split}-{index:05d}-of-{files:05d}.parquet"
-        arrow_bytes = _write_parquet(staging / relpath, stream, stop - start, _bytes_between(parts, start, stop),
+        arrow_bytes = _write_parquet(staging / relpath, stream, stop - start, _sizing_bytes(parts, start, stop),
                                      features.arrow_schema)
         written.append(_describe_file(staging, relpath, stop - start, arrow_bytes))
     return written
@@ -260,15 +261,30 @@ class _RowStream:
         return taken
 
 
-def _bytes_between(parts: list[TablePart], start: int, stop: int) -> int:
-    """The Arrow size of rows start..stop, from each part's size in proportion to its rows there."""
-    total, first = 0, 0
+def _sizing_bytes(parts: list[TablePart], start: int, stop: int) -> int:
+    """The Arrow size that sets the row groups of the file of rows start..stop: the sizes of
+    its 1,024-row blocks counted from `start`, each a fresh table. It depends on the rows
+    alone, not on how they came in parts (shards), so the same rows give the same file.
+
+    That takes a pass over the rows before writing them, one part at a time; it is skipped
+    when the parts the rows are in are too small in all to need a second row group."""
+    reaching, first = [], 0
     for part in parts:
-        overlap = min(stop, first + part.rows) - max(start, first)
-        if overlap > 0:
-            total += part.nbytes * overlap // part.rows
+        if first < stop and first + part.rows > start:
+            skip = max(0, start - first)
+            rest = functools.partial(_read_from, part, skip)
+            reaching.append(TablePart(part.rows - skip, part.nbytes, rest))
         first += part.rows
-    return total
+    upper = sum(part.nbytes for part in reaching)  # blocks add a few bytes each: far below twice this
+    if upper <= ROW_GROUP_BYTES // 2:
+        return upper
+    stream, rows = _RowStream(reaching), stop - start
+    return sum(_fresh(stream.take(min(_WRITE_BATCH_ROWS, rows - offset))).nbytes
+               for offset in range(0, rows, _WRITE_BATCH_ROWS))
+
+
+def _read_from(part: TablePart, skip: int) -> pa.Table:
+    return part.read().slice(skip)
 
 
 def _checked_row(
