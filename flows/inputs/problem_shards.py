@@ -5,8 +5,8 @@ Python objects a problem besides its text, so a million-problem run held gigabyt
 its first request. Instead `problem_shards` reads the source once, row by row, checking
 each row as before (`read_problems`: a missing column, an empty problem or answer, bad
 JSON name the file and row), and appends every problem as one JSON line to
-`<state_dir>/problems/<digest of the problems spec>.jsonl`. What the run keeps is one byte
-offset a problem (8 bytes), in run order:
+`<state_dir>/problems/<digest of the problems spec>.jsonl`. What the run keeps is each
+problem's line's byte offset and length (16 bytes), in run order:
 
 - duplicates dropped: a repeat of an earlier problem (same id, problem and answer) is
   dropped; the same id with another problem or answer is an error naming both rows. Found
