@@ -11,9 +11,9 @@ Until the flow takes the runtime over (`claim`), each teacher keeps as many shar
 way as the flow would, starting the next as one finishes. The answer task of each of
 those shards then awaits the answers already under way (`HeadStart.take`) instead of
 asking for them again. What the flow does not take (a shard whose answers Prefect had
-cached) is cancelled when it finishes; every answer received is journaled either way. A head start that cannot be
-set up (a bad problem file, no sandbox) is dropped without a word: the flow meets the same
-error and reports it as usual. Nothing here imports Prefect.
+cached) is cancelled when it finishes; every answer received is journaled either way. A
+head start that cannot be set up (a bad problem file, no sandbox) is dropped without a
+word: the flow meets the same error and reports it as usual. Nothing here imports Prefect.
 """
 
 from __future__ import annotations

@@ -74,7 +74,6 @@ def scoped_run_token(state_dir: Path) -> str:
 PERSISTED = {"persist_result": True, "cache_result_in_memory": False}
 
 
-
 def key_parameter(context, parameters) -> str:  # noqa: ANN001 - Prefect's cache_key_fn signature
     """Prefect cache key of a stage task: its `key` parameter, a `content_key` of its inputs."""
     return parameters["key"]
