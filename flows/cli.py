@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -87,6 +88,13 @@ async def _run_flow(job: str, recipe: Path, loaded, logs: bool) -> dict:  # noqa
         await head_start.drop()  # a head start the flow never claimed (it failed first)
 
 
+# What Prefect 3.8 imports only when a flow is first called and its first task runs, on the
+# calling thread: there, the event loop, where ~0.3 s of imports (fastapi alone ~0.2 s) would
+# hold up every request in flight. `_load_flow` imports them in its thread instead.
+PREFECT_LATE_IMPORTS = ("fastapi.encoders", "prefect.flow_engine", "prefect.task_engine",
+                        "prefect.utilities.visualization")
+
+
 def _load_flow(job: str, logs: bool):  # noqa: ANN202 - a Prefect flow
     if job == "dualdistill":
         from flows.dualdistill import dualdistill as job_flow
@@ -94,6 +102,9 @@ def _load_flow(job: str, logs: bool):  # noqa: ANN202 - a Prefect flow
         from flows.leakage import leakage as job_flow
     else:
         from flows.self_distill import self_distill as job_flow
+    for module in PREFECT_LATE_IMPORTS:
+        with contextlib.suppress(ImportError):  # moved in a later Prefect: then imported when first needed
+            importlib.import_module(module)
     from flows.orchestration.terminal import quiet_prefect_console
     from prefect.settings import PREFECT_API_URL
 
