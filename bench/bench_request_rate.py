@@ -8,14 +8,18 @@ Then, in turn:
 
 - bare: a separate process with one aiohttp session per teacher, `--concurrency` requests in
   flight each, sending the same number of requests (2 × problems) and nothing else;
+- with `--answers`, our teachers alone: a separate process that answers the same problems
+  through the run's own teachers, clients and journal, shard by shard as the flow does, and
+  nothing else (no Prefect, grading, stitching or publishing);
 - ours: `distillery run` on `--problems` problems × 2 teachers (one request each), the same
   concurrency, from spawning the command to its exit (imports, Prefect, grading, stitching and
   publishing included), and its peak memory.
 
-Each prints its rate as a share of the ideal 2 × concurrency / latency requests per second.
+Each prints its rate as a share of the ideal 2 × concurrency / latency requests per second
+(bare and teachers-alone timed inside their process, once set up; ours from spawn to exit).
 `--detail` adds where ours loses time: requests sent in each second, the requests the fake
-server held in flight per teacher during the first seconds and after, and the fake server's
-own delay in answering (so a slow fake server is not mistaken for a slow client).
+server held in flight per teacher during the first seconds and after (for every leg), and the
+fake server's own delay in answering (so a slow fake server is not mistaken for a slow client).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from bench_deployment import start_server  # noqa: E402
 from flow_helpers import write_recipe  # noqa: E402
 
 RAMP_S = 8.0  # --detail: the run's first seconds, told apart from the steady state
+OURS = "distillery run (whole process)"
 
 
 async def bare_client(base_url: str, problems: list[str], concurrency: int) -> float:
@@ -62,17 +67,52 @@ async def bare_client(base_url: str, problems: list[str], concurrency: int) -> f
     return time.perf_counter() - started
 
 
+async def teachers_alone(recipe_path: str) -> float:
+    """Every problem answered by the recipe's own teachers, shard by shard as the flow's answer
+    stage does, without Prefect or any later stage; returns the wall seconds once set up."""
+    from flows.inputs.problem_shards import run_problems
+    from flows.stages.shards import answer_shard, shard_name, shards_at_once
+    from flows.teachers.runtime import build_runtime
+    from schemas.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, job="dualdistill")
+    shards = run_problems(recipe)
+    runtime = build_runtime(recipe)
+
+    async def teacher(role: str) -> None:
+        window = asyncio.Semaphore(shards_at_once(runtime.problems_in_flight(role), recipe.shard_size))
+
+        async def shard(index: int) -> None:
+            async with window:
+                await answer_shard(runtime.teacher(role), shards.read(index), shard_name(index),
+                                   runtime.problem_slots(role))
+
+        await asyncio.gather(*(shard(index) for index in range(len(shards))))
+
+    started = time.perf_counter()
+    await asyncio.gather(teacher("tool"), teacher("reasoning"))
+    elapsed = time.perf_counter() - started
+    await runtime.aclose()
+    return elapsed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--latency", type=float, default=0.2)
+    parser.add_argument("--answers", action="store_true",
+                        help="also time our teachers alone (clients and journal, no Prefect or later stage)")
     parser.add_argument("--detail", action="store_true", help="also print requests sent in each second of the run")
     parser.add_argument("--bare", nargs=2, help=argparse.SUPPRESS)  # internal: base_url problems.jsonl
+    parser.add_argument("--teachers-alone", help=argparse.SUPPRESS)  # internal: recipe.yaml
     args = parser.parse_args()
     if args.bare:
         problems = [json.loads(line)["problem"] for line in Path(args.bare[1]).read_text().splitlines()]
         print(asyncio.run(bare_client(args.bare[0], problems, args.concurrency)))
+        return
+    if args.teachers_alone:
+        print(asyncio.run(teachers_alone(args.teachers_alone)))
         return
 
     from bench_dualdistill import _set_teacher_options
@@ -88,12 +128,25 @@ def main() -> None:
                                 stdout=subprocess.PIPE, text=True)
         try:
             base_url = fake.stdout.readline().strip()
+            windows: dict[str, tuple[float, float]] = {}  # each leg's wall-clock span, to tell its requests apart
+            bare_started = time.time()
             bare = subprocess.run([sys.executable, __file__, "--bare", base_url, str(problems), "--concurrency",
                                    str(args.concurrency)], capture_output=True, text=True, check=True)
-            bare_s = float(bare.stdout.strip().splitlines()[-1])
+            windows["bare aiohttp"] = (bare_started, time.time())
+            walls = {"bare aiohttp": float(bare.stdout.strip().splitlines()[-1])}
+            teacher_options = {"max_concurrency": args.concurrency, "max_retries": 2, "timeout_s": 30}
+            if args.answers:  # its own output folder: the flow's journal starts empty
+                alone = write_recipe(tmp_path / "alone.yaml", problems, base_url, tmp_path / "alone", shard_size=250,
+                                     run_name="bench-rate-alone")
+                _set_teacher_options(alone, teacher_options)
+                alone_started = time.time()
+                answered = subprocess.run([sys.executable, __file__, "--teachers-alone", str(alone)],
+                                          capture_output=True, text=True, check=True, cwd=ROOT)
+                windows["our teachers alone"] = (alone_started, time.time())
+                walls["our teachers alone"] = float(answered.stdout.strip().splitlines()[-1])
             recipe = write_recipe(tmp_path / "r.yaml", problems, base_url, tmp_path / "out", shard_size=250,
                                   run_name="bench-rate")
-            _set_teacher_options(recipe, {"max_concurrency": args.concurrency, "max_retries": 2, "timeout_s": 30})
+            _set_teacher_options(recipe, teacher_options)
             started = time.time()
             ours = subprocess.Popen([str(ROOT / ".venv" / "bin" / "distillery"), "run", str(recipe)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -102,10 +155,13 @@ def main() -> None:
             ended = time.time()
             if status:
                 raise SystemExit(f"distillery run failed: wait status {status}")
-            ours_s = ended - started
+            windows[OURS] = (started, ended)
+            walls[OURS] = ended - started
             with urllib.request.urlopen(base_url + "/_stats") as reply:  # request arrival times per teacher
-                by_teacher = {role: sorted(t for t in times if t >= started)
-                              for role, times in json.load(reply).items() if role != "cpu_s"}
+                spans = {role: sorted(times) for role, times in json.load(reply).items() if role != "cpu_s"}
+            by_leg = {leg: {role: [t for t in times if start <= t < end] for role, times in spans.items()}
+                      for leg, (start, end) in windows.items()}
+            by_teacher = by_leg[OURS]
             arrivals = sorted(t for times in by_teacher.values() for t in times)
             with urllib.request.urlopen(base_url + "/_late") as reply:  # ours are the last answers
                 late = sorted(json.load(reply)[-requests:])
@@ -115,8 +171,9 @@ def main() -> None:
             server.wait(timeout=30)
     print(f"{requests:,} requests, {args.concurrency} in flight per teacher, {args.latency * 1000:.0f} ms latency: "
           f"ideal {ideal:.0f} req/s")
-    for name, wall in (("bare aiohttp", bare_s), ("distillery run (whole process)", ours_s)):
+    for name, wall in walls.items():
         print(f"{name:<32} {wall:7.2f} s  {requests / wall:7.1f} req/s  {requests / wall / ideal:6.1%} of ideal")
+    ours_s, bare_s = walls[OURS], walls["bare aiohttp"]
     print(f"ours / bare: {bare_s / ours_s:.3f}; peak RSS of distillery run: {usage.ru_maxrss / 1024:.0f} MB")
     span = arrivals[-1] + args.latency - arrivals[0]
     print(f"ours, decomposed: {arrivals[0] - started:.2f} s to the first request, {span:.2f} s from it to the last "
@@ -127,11 +184,12 @@ def main() -> None:
         for arrival in arrivals:
             seconds[int(arrival - arrivals[0])] += 1
         print("requests sent in each second from the first:", " ".join(map(str, seconds)))
-        ramp = arrivals[0] + RAMP_S
-        print(f"ours, requests in flight at the fake server (of {args.concurrency} a teacher), in the first {RAMP_S:.0f} s "
-              "(Prefect's flow start, imports) / after: " + ", ".join(
-                  f"{role} {_in_flight(times, times[0], ramp, args.latency):.1f} / "
-                  f"{_in_flight(times, ramp, times[-1], args.latency):.1f}" for role, times in by_teacher.items()))
+        print(f"requests in flight at the fake server (of {args.concurrency} a teacher), in a leg's first "
+              f"{RAMP_S:.0f} s (for ours: Prefect's flow start, imports) / after:")
+        for leg, teachers in by_leg.items():
+            print(f"  {leg:<30} " + ", ".join(
+                f"{role} {_in_flight(times, times[0], times[0] + RAMP_S, args.latency):.1f} / "
+                f"{_in_flight(times, times[0] + RAMP_S, times[-1], args.latency):.1f}" for role, times in teachers.items()))
         print(f"the fake server's own delay past the latency, ours: mean {1000 * sum(late) / len(late):.1f} ms, "
               f"99th percentile {1000 * late[int(0.99 * len(late))]:.1f} ms; the rest of a request's overhead is in "
               "the client's process, the OS and the fake server's reading of the request")
@@ -142,7 +200,7 @@ def _in_flight(arrivals: list[float], start: float, end: float, latency: float) 
     that arrived within the last `latency` seconds (each is held that long, plus its delay)."""
     points = [start + i * 0.01 for i in range(int((end - start) / 0.01))]
     held = [bisect.bisect_right(arrivals, at) - bisect.bisect_right(arrivals, at - latency) for at in points]
-    return sum(held) / len(held)
+    return sum(held) / len(held) if held else float("nan")  # nan: a leg shorter than the span asked for
 
 
 if __name__ == "__main__":
