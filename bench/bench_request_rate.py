@@ -1,6 +1,7 @@
 """Whole-process request rate of `distillery run`, beside a bare aiohttp client, same fake server.
 
     .venv/bin/python bench/bench_request_rate.py [--problems 10000] [--concurrency 32] [--latency 0.2]
+                                                 [--answers] [--detail]
 
 A running `prefect server start` (loopback, its own PREFECT_HOME) and one fake teacher
 server in its own process (bench_dualdistill.py's aiohttp `serve`, `--latency` per answer).
