@@ -151,8 +151,7 @@ def main() -> None:
             started = time.time()
             ours = subprocess.Popen([str(ROOT / ".venv" / "bin" / "distillery"), "run", str(recipe)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    env={**os.environ, "PREFECT_API_URL": api,  # its task results in tmp, not ~/.prefect
-                                         "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "results")}, cwd=ROOT)
+                                    env={**os.environ, "PREFECT_API_URL": api}, cwd=ROOT)
             _, status, usage = os.wait4(ours.pid, 0)  # its peak memory (and that of the grader it waited for)
             ended = time.time()
             if status:

@@ -52,8 +52,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         server, api = start_server(tmp_path / "prefect-home")
-        # the runs' task results in this folder, not the user's ~/.prefect/storage
-        base_env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(tmp_path / "results")
         env = {**base_env, "PREFECT_API_URL": api}
         try:
             python = [sys.executable, "-c"]

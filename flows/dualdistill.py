@@ -133,7 +133,7 @@ async def _shard_in_memory(
 ) -> RunSummary:
     shard = shard_name(index)
     answer_keys, grade_key, stitch_key = _stage_keys(recipe, answer_scopes, problems)
-    storage = result_storage(recipe)  # None: Prefect's default; for a URL output_dir, beside the journal
+    storage = result_storage(recipe)  # the output's .distillery/prefect-results, beside the journal
     answer = answer_task.with_options(retries=recipe.shard_retries, result_storage=storage)
     grade, stitch = (stage.with_options(result_storage=storage) for stage in (grade_task, stitch_task))
     async def answered_by(role: str) -> list[Trajectory]:

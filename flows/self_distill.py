@@ -128,7 +128,7 @@ async def _shard_in_memory(recipe: Recipe, runtime: StudentRuntime, grader: Grad
                            problems: list[Problem], round_number: int) -> RoundShardOutcome:
     spec = recipe.self_distill
     shard = f"r{round_number}-{shard_name(index)}"
-    storage = result_storage(recipe)  # None: Prefect's default; for a URL output_dir, beside the journal
+    storage = result_storage(recipe)  # the output's .distillery/prefect-results, beside the journal
     sample, grade, teacher_part = (stage.with_options(result_storage=storage)
                                    for stage in (sample_task, grade_task, teacher_part_task))
     sample_key, grade_key = _shard_keys(recipe, scope, problems)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 
 import datasets
@@ -11,6 +12,7 @@ import pytest
 import yaml
 from fake_openai import FakeOpenAIServer, Reply, problem_text, teacher_role
 from flow_helpers import ScriptedTeachers, write_problems, write_recipe
+from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH
 
 from flows.dualdistill import RunFailed, dualdistill
 
@@ -23,6 +25,11 @@ def run(recipe_path):
 
 def load(folder):
     return datasets.load_dataset(str(folder), split="train")
+
+
+def prefect_default_results() -> set[str]:
+    folder = PREFECT_RESULTS_LOCAL_STORAGE_PATH.value()
+    return set(os.listdir(folder)) if folder.exists() else set()
 
 
 def sent_keys(server) -> list[str]:
@@ -140,6 +147,10 @@ def test_resume_after_the_server_dies_resends_nothing_answered(tmp_path):
         again = run(recipe)
     assert dead.requests == [] and again["cases"] == summary["cases"]
     assert again["sent_this_run"] == {"tool": 0, "reasoning": 0}
+    # the cached stages are the run's files, not in Prefect's default storage (~/.prefect/storage)
+    ours = {path.name for path in (tmp_path / "out" / ".distillery" / "prefect-results").iterdir()}
+    assert len(ours) >= 4 * 4  # 4 shards x (2 answers, grade, stitch), and the first run's failures
+    assert not ours & prefect_default_results()
 
 
 def test_bad_problem_file_fails_before_any_request(tmp_path):

@@ -48,11 +48,11 @@ def remote_text(fs, path: str) -> str:
     return fs.cat_file(f"{BUCKET}/{path}").decode()
 
 
-def test_a_local_output_dir_needs_no_storage(tmp_path):
+def test_a_local_output_dir_needs_no_storage_but_keeps_its_prefect_results(tmp_path):
     recipe = Recipe(run_name="local", output_dir=str(tmp_path / "out"))
     for step in (check_output, pull_state, push_state, push_outputs):
         step(recipe)
-    assert result_storage(recipe) is None
+    assert result_storage(recipe) == tmp_path / "out" / ".distillery" / "prefect-results"
     assert output_location(recipe, recipe.work_dir / "composites") == str(tmp_path / "out" / "composites")
     assert not (tmp_path / "out").exists()
 

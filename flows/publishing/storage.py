@@ -12,12 +12,13 @@ in, object stores have neither append nor rename. So a run always writes
   only warns when the store is unreachable, since the mirror keeps everything and the next
   push (at the latest `push_outputs`, which does raise) sends it;
 - `push_outputs` uploads the datasets at the end; a dataset folder is replaced whole;
-- `result_storage` keeps Prefect's cached stage results at `<url>/.distillery/prefect-results`;
+- `result_storage` keeps Prefect's cached stage results at `<url>/.distillery/prefect-results`
+  (for a local `output_dir`, in its own `.distillery/prefect-results`);
 - `output_location` names a mirror path as the user should see it (its URL).
 
 Credentials and endpoints come from the environment, as for any fsspec client: AWS_*
 variables, AWS_ENDPOINT_URL for S3-compatible stores, FSSPEC_S3_* for other s3fs options.
-For a local `output_dir` every function is a no-op.
+For a local `output_dir` every function but `result_storage` is a no-op.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from prefect.filesystems import RemoteFileSystem
 from schemas.recipe import Recipe
 
 STATE = ".distillery"  # recipe.state_dir, relative to work_dir
-RESULTS = "prefect-results"  # under STATE at the URL only: never pulled into a mirror
+RESULTS = "prefect-results"  # under STATE; at a URL, never pulled into a mirror
 _INSTALL_HINTS = {"s3": "distillery[s3] (s3fs)", "s3a": "distillery[s3] (s3fs)"}
 
 # (url, path relative to work_dir) -> (size, mtime_ns) of the local file when it last matched the URL
@@ -150,11 +151,14 @@ def push_outputs(recipe: Recipe) -> None:
     _push_state(recipe)
 
 
-def result_storage(recipe: Recipe) -> RemoteFileSystem | None:
-    """Prefect result storage beside the journal at the URL (None: Prefect's default), for
-    `task.with_options(result_storage=...)`, so a rerun on any machine hits the cache."""
+def result_storage(recipe: Recipe) -> Path | RemoteFileSystem:
+    """Where Prefect keeps the run's cached stage results, for `task.with_options(result_storage=...)`:
+    `.distillery/prefect-results` of the output, beside the journal. At a URL, a rerun on any
+    machine hits the cache; for a local folder (a path: Prefect's own local file system), the
+    results go, and can be deleted, with the run's other files, not to Prefect's default
+    `~/.prefect/storage`, where nothing removes them."""
     if (url := recipe.remote_output) is None:
-        return None
+        return (recipe.state_dir / RESULTS).absolute()
     return _results_block(url)
 
 
