@@ -250,8 +250,11 @@ def test_an_empty_or_absent_directory(tmp_path):
     assert len(RequestJournal(tmp_path / "absent")) == 0 and not (tmp_path / "absent").exists()
     (tmp_path / "empty").mkdir()
     journal = RequestJournal(tmp_path / "empty")
-    assert journal.get("k") is None
+    assert journal.get("k") is None and journal.opened_empty
+    journal.record("s", "k", {"v": 1})
+    assert journal.opened_empty  # what it records itself is in today's format
     journal.close()
+    assert not RequestJournal(tmp_path / "empty").opened_empty
 
 
 def test_entries_reads_every_file(tmp_path):

@@ -297,9 +297,10 @@ def test_journals_keyed_with_max_tokens_still_replay(tmp_path):
                                       "tools": None, "sample": 0})
     journal.record("s", legacy_key, {"content": "old", "finish_reason": "stop", "reasoning_content": None,
                                      "tool_calls": [], "prompt_tokens": 1, "completion_tokens": 1, "latency_s": 0.1})
+    journal.close()  # as an earlier run left it
 
     async def go():
-        client = ModelClient(model="m", base_url="http://127.0.0.1:9/v1", journal=journal)
+        client = ModelClient(model="m", base_url="http://127.0.0.1:9/v1", journal=RequestJournal(tmp_path / "j"))
         return await client.chat(messages, PARAMS)
 
     assert asyncio.run(go()).content == "old"

@@ -205,9 +205,8 @@ class ModelClient:
             self.stats.reused_across_budget += int(cached.get("max_tokens") != max_tokens)
             self.stats.answers_latency_s += cached.get("latency_s") or 0.0
             return ChatResponse.from_journal(cached)
-        # journals written before max_tokens left the key
-        keyed = {"model": self.model, "messages": messages, "extra": self.extra_body, "tools": tools, "sample": sample}
-        if cached is None and (legacy := self.journal.get(request_key("chat", {**keyed, "params": params}))):
+        if cached is None and not self.journal.opened_empty and (legacy := self._journaled_with_max_tokens(
+                messages, params, tools, sample)):
             self.stats.replayed += 1
             return ChatResponse.from_journal(legacy)
         if self.budget is not None:
@@ -221,6 +220,12 @@ class ModelClient:
         self.stats.prompt_tokens += response.prompt_tokens
         self.stats.completion_tokens += response.completion_tokens
         return response
+
+    def _journaled_with_max_tokens(self, messages: list[dict[str, Any]], params: dict[str, Any],
+                                   tools: list[dict[str, Any]] | None, sample: int) -> dict[str, Any] | None:
+        """The answer under the key of journals written before max_tokens left it."""
+        keyed = {"model": self.model, "messages": messages, "extra": self.extra_body, "tools": tools, "sample": sample}
+        return self.journal.get(request_key("chat", {**keyed, "params": params}))
 
     async def _connect(self) -> EndpointPool:
         if self._pool is not None:

@@ -294,6 +294,8 @@ class RequestJournal:
         self._index_writable = True
         self._lock = threading.RLock()  # shards may record from worker threads
         self._load()
+        # nothing written before this process opened it: no line in the old formats either
+        self.opened_empty = self._hashes.size == 0
 
     # -- the API -------------------------------------------------------------------
 
