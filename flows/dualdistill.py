@@ -47,12 +47,11 @@ from flows.teachers.runtime import Runtime, build_runtime, teacher_fingerprint
 from flows.orchestration import head_start, heap
 from flows.orchestration.head_start import HeadStart
 from flows.orchestration.progress import RunProgress
-from flows.orchestration.runs import flow_run_name, forget_links, push_to_hub_task
+from flows.orchestration.runs import PERSISTED, flow_run_name, forget_links, push_to_hub_task
 from flows.orchestration.task_runners import Finished, for_workers, map_on_workers, workers
 from flows.orchestration.on_worker import add_stats, budget_stop, mirror_id
 from flows.stages.remote_shard import ShardOutcome, run_shard
 from flows.stages.shards import (
-    PERSISTED,
     ShardFailed,
     answer_shard,
     content_key,

@@ -40,7 +40,7 @@ from flows.models.embedded import EmbeddedServer
 from flows.models.journal import RequestJournal
 from flows.orchestration.on_worker import add_stats, budget_stop, mirror_id
 from flows.orchestration.progress import RunProgress
-from flows.orchestration.runs import flow_run_name, forget_links, push_to_hub_task
+from flows.orchestration.runs import PERSISTED, flow_run_name, forget_links, push_to_hub_task
 from flows.orchestration.task_runners import Finished, for_workers, map_on_workers, workers
 from flows.publishing.leakage_outputs import publish_completions
 from flows.publishing.leakage_report import build_report, report_markdown, verdict_line, write_report
@@ -48,7 +48,7 @@ from flows.publishing.storage import check_output, output_location, pull_state, 
 from flows.stages.number_filter import REASONS, banned_numbers, filter_completions, pass_rates
 from flows.stages.number_generation import GenerationFailed
 from flows.stages.remote_shard import NumbersOutcome, run_numbers_shard
-from flows.stages.shards import PERSISTED, content_key, key_parameter, scoped_run_token, shard_window
+from flows.stages.shards import content_key, key_parameter, scoped_run_token, shard_window
 from flows.teachers.number_teachers import NumberTeacher, leakage_budget, number_teachers
 from flows.teachers.runtime import journal_dir
 from schemas.recipe import Recipe, flow_recipe

@@ -48,10 +48,9 @@ from flows.stages.self_distillation import examples_of, pick_samples, reuse_inde
 from flows.orchestration import heap
 from flows.orchestration.on_worker import add_stats, budget_stop, mirror_id
 from flows.orchestration.progress import RunProgress
-from flows.orchestration.runs import flow_run_name, forget_links, push_to_hub_task
+from flows.orchestration.runs import PERSISTED, flow_run_name, forget_links, push_to_hub_task
 from flows.orchestration.task_runners import Finished, for_workers, map_on_workers, workers
 from flows.stages.shards import (
-    PERSISTED,
     answer_shard,
     content_key,
     grade_shard,

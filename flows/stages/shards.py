@@ -67,13 +67,6 @@ def scoped_run_token(state_dir: Path) -> str:
     return path.read_text().strip()
 
 
-# How the flow process's stage tasks keep their results: persisted, so that a rerun's cache
-# hits read them back, and not also in Prefect's in-memory result cache, which holds up to
-# 1,000 results (here every shard's answers, for the whole run). A whole-shard task on a Dask
-# or Ray worker keeps the default: its value travels back to the flow in memory.
-PERSISTED = {"persist_result": True, "cache_result_in_memory": False}
-
-
 def key_parameter(context, parameters) -> str:  # noqa: ANN001 - Prefect's cache_key_fn signature
     """Prefect cache key of a stage task: its `key` parameter, a `content_key` of its inputs."""
     return parameters["key"]
