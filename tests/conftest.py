@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -19,7 +21,9 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 # what Prefect still keeps in its default result storage (a failed flow run's error), here
 # and in the `distillery` processes tests start, not in the developer's ~/.prefect/storage
-os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", tempfile.mkdtemp(prefix="distillery-test-results-"))
+if "PREFECT_RESULTS_LOCAL_STORAGE_PATH" not in os.environ:
+    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = _results = tempfile.mkdtemp(prefix="distillery-test-results-")
+    atexit.register(shutil.rmtree, _results, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

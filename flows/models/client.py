@@ -205,8 +205,7 @@ class ModelClient:
             self.stats.reused_across_budget += int(cached.get("max_tokens") != max_tokens)
             self.stats.answers_latency_s += cached.get("latency_s") or 0.0
             return ChatResponse.from_journal(cached)
-        if cached is None and not self.journal.opened_empty and (legacy := self._journaled_with_max_tokens(
-                messages, params, tools, sample)):
+        if cached is None and (legacy := self._journaled_with_max_tokens(messages, params, tools, sample)):
             self.stats.replayed += 1
             return ChatResponse.from_journal(legacy)
         if self.budget is not None:
@@ -224,6 +223,8 @@ class ModelClient:
     def _journaled_with_max_tokens(self, messages: list[dict[str, Any]], params: dict[str, Any],
                                    tools: list[dict[str, Any]] | None, sample: int) -> dict[str, Any] | None:
         """The answer under the key of journals written before max_tokens left it."""
+        if self.journal.opened_empty:  # lines in that format can only come from an earlier run
+            return None
         keyed = {"model": self.model, "messages": messages, "extra": self.extra_body, "tools": tools, "sample": sample}
         return self.journal.get(request_key("chat", {**keyed, "params": params}))
 
