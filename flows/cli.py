@@ -76,16 +76,19 @@ async def _run_flow(job: str, recipe: Path, loaded, logs: bool) -> dict:  # noqa
     """Call the job's flow. A DualDistill run's first shards start first (a head start,
     flows/orchestration/head_start.py) and Prefect is imported in a thread meanwhile, so the
     first requests do not wait the ~2 s of its import and flow-run start."""
-    from flows.orchestration import head_start, heap
+    from flows.orchestration import head_start, interpreter
 
-    if job == "dualdistill" and head_start.begin(loaded) is not None:
-        await asyncio.sleep(head_start.ALONE_S)
-    try:
-        job_flow = await asyncio.to_thread(_load_flow, job, logs)
-        with heap.settling():  # finished shards' rows kept out of the garbage collector's walks
-            return await job_flow(str(recipe))
-    finally:
-        await head_start.drop()  # a head start the flow never claimed (it failed first)
+    with interpreter.switching_often():
+        try:
+            with interpreter.importing():
+                head_started = job == "dualdistill" and head_start.begin(loaded) is not None
+                if head_started:
+                    await asyncio.sleep(head_start.ALONE_S)
+                job_flow = await asyncio.to_thread(_load_flow, job, logs, head_started)
+            with interpreter.settling():  # finished shards' rows kept out of the garbage collector's walks
+                return await job_flow(str(recipe))
+        finally:
+            await head_start.drop()  # a head start the flow never claimed (it failed first)
 
 
 # What Prefect 3.8 imports only when a flow is first called and its first task runs, on the
@@ -95,7 +98,7 @@ PREFECT_LATE_IMPORTS = ("fastapi.encoders", "prefect.flow_engine", "prefect.task
                         "prefect.utilities.visualization")
 
 
-def _load_flow(job: str, logs: bool):  # noqa: ANN202 - a Prefect flow
+def _load_flow(job: str, logs: bool, head_started: bool):  # noqa: ANN202 - a Prefect flow
     if job == "dualdistill":
         from flows.dualdistill import dualdistill as job_flow
     elif job == "leakage":
@@ -105,6 +108,10 @@ def _load_flow(job: str, logs: bool):  # noqa: ANN202 - a Prefect flow
     for module in PREFECT_LATE_IMPORTS:
         with contextlib.suppress(ImportError):  # moved in a later Prefect: then imported when first needed
             importlib.import_module(module)
+    if head_started:  # while the first shards' requests are out, rather than beside the flow run's start
+        from flows.publishing.outputs import preload_publishing
+
+        preload_publishing()
     from flows.orchestration.terminal import quiet_prefect_console
     from prefect.settings import PREFECT_API_URL
 

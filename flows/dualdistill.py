@@ -44,7 +44,7 @@ from flows.publishing.storage import check_output, output_location, pull_state, 
 from flows.models.budget import BudgetReached
 from flows.models.client import ClientStats
 from flows.teachers.runtime import Runtime, build_runtime, teacher_fingerprint
-from flows.orchestration import head_start, heap
+from flows.orchestration import head_start, interpreter
 from flows.orchestration.head_start import HeadStart
 from flows.orchestration.progress import RunProgress
 from flows.orchestration.runs import PERSISTED, flow_run_name, forget_links, push_to_hub_task
@@ -164,7 +164,7 @@ async def _set_aside(recipe: Recipe, spool: RowSpool, index: int, problems: int,
     """A finished shard's rows to the spool; what the run keeps of them is their figures."""
     await asyncio.to_thread(spool.add, index, {"composites": composites, "trajectories": graded, "rejected": rejected})
     figures = summarise(recipe.run_name, problems, graded, composites, rejected)
-    heap.settle()
+    interpreter.settle()
     return figures
 
 

@@ -45,7 +45,7 @@ from flows.publishing.storage import check_output, output_location, pull_state, 
 from flows.stages.remote_shard import RoundShardOutcome, run_round_shard
 from flows.stages.selection import round_stats
 from flows.stages.self_distillation import examples_of, pick_samples, reuse_index
-from flows.orchestration import heap
+from flows.orchestration import interpreter
 from flows.orchestration.on_worker import add_stats, budget_stop, mirror_id
 from flows.orchestration.progress import RunProgress
 from flows.orchestration.runs import PERSISTED, flow_run_name, forget_links, push_to_hub_task
@@ -147,7 +147,7 @@ async def _shard_in_memory(recipe: Recipe, runtime: StudentRuntime, grader: Grad
     outcome = RoundShardOutcome(graded, picked.stats, examples, rejected, runtime.student.client.stats)
     await asyncio.to_thread(_spool_rows, spool, index, outcome)
     forget_links(samples, graded, parts)
-    heap.settle()
+    interpreter.settle()
     return outcome
 
 
@@ -203,7 +203,7 @@ async def _shards_on_workers(runner, recipe: Recipe, student: StudentSpec, reuse
         if not done.cached:
             add_stats(stats, done.value.sampled)
         await asyncio.to_thread(_spool_rows, spool, done.index, done.value)
-        heap.settle()
+        interpreter.settle()
         await progress.publish()
         await asyncio.to_thread(push_state, recipe)
 
