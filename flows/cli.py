@@ -75,7 +75,8 @@ def _run_job(recipe: Path, job: str, logs: bool = False) -> dict:
 async def _run_flow(job: str, recipe: Path, loaded, logs: bool) -> dict:  # noqa: ANN001 - a Recipe
     """Call the job's flow. A DualDistill run's first shards start first (a head start,
     flows/orchestration/head_start.py) and Prefect is imported in a thread meanwhile, so the
-    first requests do not wait the ~2 s of its import and flow-run start."""
+    first requests do not wait the ~2 s of its import and flow-run start. Throughout, the
+    interpreter is set to keep the event loop served (flows/orchestration/interpreter.py)."""
     from flows.orchestration import head_start, interpreter
 
     with interpreter.switching_often():

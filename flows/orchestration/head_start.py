@@ -4,8 +4,8 @@ Importing Prefect and starting a flow run take ~2 s on these machines before the
 first task runs. So `distillery run` (with `execution.task_runner: threads` and a local
 `output_dir`) first builds the run's runtime (clients, journal, sandbox, budget) and
 starts each teacher's first window of shards with the very `answer_shard` the flow's
-answer task calls, in this event loop; then it imports the flow in a thread, while those
-requests are out, and calls it.
+answer task calls, in this event loop; then it imports the flow (and `datasets`, which the
+flow's publishing needs) in a thread, while those requests are out, and calls it.
 
 Until the flow takes the runtime over (`claim`), each teacher keeps as many shards under
 way as the flow would, starting the next as one finishes. The answer task of each of
