@@ -146,3 +146,32 @@ def test_concurrency_is_bounded(tmp_path):
             await client.aclose()
         asyncio.run(go())
     assert len(server.requests) == 12 and max(peak) <= 3
+
+
+def test_an_answer_received_is_journaled_even_if_its_request_is_cancelled_then(tmp_path):
+    """`chat` lets the next request go out before it journals an answer: a cancellation that
+    lands in that moment still journals it (the answer was paid for), and a rerun replays it."""
+    with FakeOpenAIServer(lambda body: Reply(content="four")) as server:
+        client = make_client(server, tmp_path)
+
+        async def cancelled_after_the_answer() -> None:
+            fetch = client._fetch_answer
+            received = asyncio.Event()
+
+            async def fetched(*args):
+                response = await fetch(*args)
+                received.set()
+                return response
+
+            client._fetch_answer = fetched
+            request = asyncio.create_task(client.chat(MESSAGES, PARAMS))
+            await received.wait()  # `chat` has its answer and is yielding before journaling it
+            request.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await request
+            await client.aclose()
+
+        asyncio.run(cancelled_after_the_answer())
+        client.journal.close()
+        again = make_client(server, tmp_path)
+        assert chat(again).replayed and len(server.requests) == 1

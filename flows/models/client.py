@@ -46,6 +46,7 @@ from schemas.recipe import AutoConcurrency, Price
 
 log = logging.getLogger("distillery.client")
 
+JSON_BODY = {"Content-Type": "application/json"}
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 MAX_BACKOFF_S = 60.0
 
@@ -211,13 +212,18 @@ class ModelClient:
         if self.budget is not None:
             self.budget.admit()  # raises BudgetReached: nothing more is sent
         response = await self._fetch_answer(key, shard, messages, params, tools)
-        self.journal.record(shard, key, {**response.to_journal(), "max_tokens": max_tokens})
-        if self.budget is not None:
-            self.budget.spend(response.prompt_tokens, response.completion_tokens, self.price)
-        self.stats.sent += 1
-        self.stats.answers_latency_s += response.latency_s
-        self.stats.prompt_tokens += response.prompt_tokens
-        self.stats.completion_tokens += response.completion_tokens
+        try:
+            # The slot this answer freed went to a waiting request, whose task runs only after
+            # every callback queued before it: let it go out before this answer's bookkeeping.
+            await asyncio.sleep(0)
+        finally:  # journaled even when the run is being cancelled: the answer was paid for
+            self.journal.record(shard, key, {**response.to_journal(), "max_tokens": max_tokens})
+            if self.budget is not None:
+                self.budget.spend(response.prompt_tokens, response.completion_tokens, self.price)
+            self.stats.sent += 1
+            self.stats.answers_latency_s += response.latency_s
+            self.stats.prompt_tokens += response.prompt_tokens
+            self.stats.completion_tokens += response.completion_tokens
         return response
 
     def _journaled_with_max_tokens(self, messages: list[dict[str, Any]], params: dict[str, Any],
@@ -265,12 +271,16 @@ class ModelClient:
         self, messages: list[dict[str, Any]], params: dict[str, Any], tools: list[dict[str, Any]] | None
     ) -> ChatResponse:
         pool = await self._connect()
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "n": 1, **self.extra_body, **params}
+        if tools:
+            body["tools"] = tools
+        payload = json.dumps(body).encode()  # once for every attempt, and before a slot is held
         attempt, failed_at = 0, None
         while True:
             lease: Lease | None = None
             try:
                 lease = await pool.acquire(avoid=failed_at)
-                response = await self._send_once(lease.endpoint, messages, params, tools)
+                response = await self._send_once(lease.endpoint, payload)
             except Exception as exc:  # noqa: BLE001 - classified right below
                 retryable, wait_hint, reason = _classify(exc)
                 if lease is not None:
@@ -307,18 +317,9 @@ class ModelClient:
     def _backoff(self, attempt: int) -> float:
         return random.uniform(0, min(MAX_BACKOFF_S, self.backoff_base_s * 2**attempt))
 
-    async def _send_once(
-        self,
-        endpoint: Endpoint,
-        messages: list[dict[str, Any]],
-        params: dict[str, Any],
-        tools: list[dict[str, Any]] | None,
-    ) -> ChatResponse:
+    async def _send_once(self, endpoint: Endpoint, payload: bytes) -> ChatResponse:
         started = time.perf_counter()  # after the slot is held: waiting for the limit is not latency
-        body: dict[str, Any] = {"model": self.model, "messages": messages, "n": 1, **self.extra_body, **params}
-        if tools:
-            body["tools"] = tools
-        async with endpoint.session.post(endpoint.chat_url, json=body) as reply:
+        async with endpoint.session.post(endpoint.chat_url, data=payload, headers=JSON_BODY) as reply:
             text = await reply.text(errors="replace")
             if reply.status != 200:
                 raise HTTPStatusError(reply.status, text, reply.headers.get("Retry-After"))
