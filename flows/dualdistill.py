@@ -13,7 +13,8 @@ Run: `distillery run recipes/demo.yaml` (no Prefect server needed), or deploy
 Per shard: load → [tool teacher ‖ reasoning teacher] → grade → stitch → its rows to
 the spool (flows/publishing/spool.py), which publishing streams into Parquet at the end;
 shards run concurrently and every stage is a Prefect task cached by the content of its
-inputs. Every request is journaled, so a rerun after a failure sends only what
+inputs. The teachers answer on an event loop of their own (flows/orchestration/request_loop.py),
+so Prefect's work on this one never holds a request back. Every request is journaled, so a rerun after a failure sends only what
 is missing. A shard that fails does not stop the others; the run then fails
 with a message naming the stage, the endpoint and the error, and publishes nothing.
 
@@ -44,7 +45,7 @@ from flows.publishing.storage import check_output, output_location, pull_state, 
 from flows.models.budget import BudgetReached
 from flows.models.client import ClientStats
 from flows.teachers.runtime import Runtime, build_runtime, teacher_fingerprint
-from flows.orchestration import head_start, interpreter
+from flows.orchestration import head_start, interpreter, request_loop
 from flows.orchestration.head_start import HeadStart
 from flows.orchestration.progress import RunProgress
 from flows.orchestration.runs import PERSISTED, flow_run_name, forget_links, push_to_hub_task
@@ -84,7 +85,8 @@ async def answer_task(key: str, runtime: Runtime, role: str, shard: str, problem
     on_done = progress.ticker(f"answer[{role}]", shard)
     if head is not None and (started := head.take(role, shard, problems)) is not None:
         return await started.answers(on_done)  # under way since before Prefect loaded
-    return await answer_shard(runtime.teacher(role), problems, shard, runtime.problem_slots(role), on_done=on_done)
+    return await request_loop.run(
+        answer_shard(runtime.teacher(role), problems, shard, runtime.problem_slots(role), on_done=on_done))
 
 
 @task(name="grade-shard", cache_key_fn=key_parameter, **PERSISTED)
@@ -207,7 +209,7 @@ async def _run_here(
     finally:
         if head is not None:
             await head.close()  # shards it started that the flow did not take (answers cached by Prefect)
-        await runtime.aclose()
+        await request_loop.run(runtime.aclose())
         grader.close()
         await asyncio.to_thread(push_state, recipe)
     stopped = runtime.budget.stop() if runtime.budget is not None and runtime.budget.stopped else None

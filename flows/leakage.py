@@ -10,9 +10,9 @@ Out: under `output_dir/leakage/`: `numbers/` (every completion of both teachers)
 Run: `distillery leakage recipes/leakage_demo.yaml` (exit code 3 on a leak with
      `fail_on_leak: true`).
 
-Stages: the same seeded prompts go to both teachers (journaled requests, so a rerun sends
-only what is missing; shards on a Dask or Ray cluster with `execution:`, see
-flows/orchestration/task_runners.py) → filter → statistical detectors (number statistics, bag classifier,
+Stages: the same seeded prompts go to both teachers (journaled requests, answered on the
+request loop, flows/orchestration/request_loop.py, so a rerun sends only what is missing;
+shards on a Dask or Ray cluster with `execution:`, see flows/orchestration/task_runners.py) → filter → statistical detectors (number statistics, bag classifier,
 likelihood shift where the teacher's weights are local) → optional behavioural probe →
 one verdict after a Holm correction → report.
 """
@@ -38,6 +38,7 @@ from flows.inputs.number_prompts import NumberPrompt, draw_prompts
 from flows.models.client import ClientStats, ModelClient
 from flows.models.embedded import EmbeddedServer
 from flows.models.journal import RequestJournal
+from flows.orchestration import request_loop
 from flows.orchestration.on_worker import add_stats, budget_stop, mirror_id
 from flows.orchestration.progress import RunProgress
 from flows.orchestration.runs import PERSISTED, flow_run_name, forget_links, push_to_hub_task
@@ -57,7 +58,8 @@ from schemas.recipe import Recipe, flow_recipe
 @task(name="number-completions", cache_key_fn=key_parameter, **PERSISTED, retry_delay_seconds=5)
 async def completions_task(key: str, teacher: NumberTeacher, client: ModelClient, prompts: list[NumberPrompt],
                            shard: str, progress: RunProgress) -> list[dict]:
-    return await teacher.complete(client, prompts, shard, on_done=progress.ticker(f"numbers[{teacher.name}]", shard))
+    return await request_loop.run(
+        teacher.complete(client, prompts, shard, on_done=progress.ticker(f"numbers[{teacher.name}]", shard)))
 
 
 @task(name="number-shard", cache_key_fn=key_parameter, persist_result=True, retry_delay_seconds=5)
@@ -116,7 +118,7 @@ async def _generate_here(recipe: Recipe, journal: RequestJournal, servers: list[
         results = await asyncio.gather(*runs, return_exceptions=True)
     finally:
         for client in clients:
-            await client.aclose()
+            await request_loop.run(client.aclose())
         await progress.publish(force=True)
         await asyncio.to_thread(push_state, recipe)  # a URL output_dir: the completions reach other machines
     if budget is not None and budget.stopped:

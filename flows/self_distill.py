@@ -13,7 +13,8 @@ Run: `distillery self-distill recipes/self_distill_demo.yaml`.
 Per round, per shard: sample K per problem (the tool-using loop) → grade → select (β
 rules) → teacher part (generate or reuse) → examples; then publish, summarise, train.
 Every request is journaled and stages are cached by content, so a rerun sends only what
-is missing; a finished round (its datasets and its trained student) is not redone.
+is missing; a finished round (its datasets and its trained student) is not redone. The
+student and teachers answer on the request loop (flows/orchestration/request_loop.py).
 
 With `execution: {task_runner: dask | ray}` each shard of a round runs whole on a worker
 (flows/stages/remote_shard.py: its own student, teachers and sandbox), cached by content;
@@ -45,7 +46,7 @@ from flows.publishing.storage import check_output, output_location, pull_state, 
 from flows.stages.remote_shard import RoundShardOutcome, run_round_shard
 from flows.stages.selection import round_stats
 from flows.stages.self_distillation import examples_of, pick_samples, reuse_index
-from flows.orchestration import interpreter
+from flows.orchestration import interpreter, request_loop
 from flows.orchestration.on_worker import add_stats, budget_stop, mirror_id
 from flows.orchestration.progress import RunProgress
 from flows.orchestration.runs import PERSISTED, flow_run_name, forget_links, push_to_hub_task
@@ -77,8 +78,8 @@ STAGE_VERSION = "1"
 @task(name="sample-shard", cache_key_fn=key_parameter, **PERSISTED, retries=1, retry_delay_seconds=5)
 async def sample_task(key: str, runtime: StudentRuntime, shard: str, problems: list[Problem], k: int,
                       progress: RunProgress, stage: str):
-    return await answer_shard(runtime.student, problems, shard, runtime.slots(), samples=k,
-                              on_done=progress.ticker(stage, shard))
+    return await request_loop.run(answer_shard(runtime.student, problems, shard, runtime.slots(), samples=k,
+                                               on_done=progress.ticker(stage, shard)))
 
 
 @task(name="grade-samples", cache_key_fn=key_parameter, **PERSISTED)
@@ -88,7 +89,7 @@ async def grade_task(key: str, grader: Grader, samples, problems: list[Problem],
 
 @task(name="teacher-part", cache_key_fn=key_parameter, **PERSISTED, retries=1, retry_delay_seconds=5)
 async def teacher_part_task(key: str, runtime: StudentRuntime, grader: Grader, shard: str, needed, problems):
-    return await runtime.teacher_parts(needed, problems, grader, shard)
+    return await request_loop.run(runtime.teacher_parts(needed, problems, grader, shard))
 
 
 @task(name="train-student")
@@ -175,7 +176,7 @@ async def _shards_here(recipe: Recipe, student: StudentSpec, reused, grader: Gra
             return_exceptions=True,
         )
     finally:
-        await runtime.aclose()
+        await request_loop.run(runtime.aclose())
     if runtime.budget is not None and runtime.budget.stopped:
         raise runtime.budget.stop()
     return outcomes, runtime.student.client.stats

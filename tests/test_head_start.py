@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.dualdistill import dualdistill
-from flows.orchestration import head_start
+from flows.orchestration import head_start, request_loop
 from flows.orchestration.head_start import HeadStart
 from schemas.recipe import load_recipe
 
@@ -138,12 +138,15 @@ def test_a_shard_is_taken_once_and_another_recipe_claims_nothing(tmp_path):
                                       tmp_path / "out"), job="dualdistill")
     other = recipe.model_copy(update={"shard_size": 2})
 
+    async def ended(*tasks: asyncio.Task) -> None:  # run on the request loop, where the tasks are
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     async def scenario() -> None:
         head = head_start.begin(recipe)
-        await asyncio.sleep(0)  # its first shards start
+        await request_loop.run(asyncio.sleep(0))  # queued after the feeders: their first shards have started
         tool, reasoning = head.shards[("tool", "shard-00000")], head.shards[("reasoning", "shard-00000")]
         assert head.take("tool", "shard-00000", tool.problems[:1]) is None  # other problems: not these answers
-        await asyncio.sleep(0)
+        await request_loop.run(ended(tool.task))
         assert tool.task.cancelled()
         assert head.take("reasoning", "shard-00000", reasoning.problems) is reasoning
         assert head.take("reasoning", "shard-00000", reasoning.problems) is None  # once: a retry starts afresh
@@ -151,6 +154,6 @@ def test_a_shard_is_taken_once_and_another_recipe_claims_nothing(tmp_path):
         assert await head_start.claim(other) is None  # another recipe: closed, runtime and shards
         assert left and all(s.task.done() for s in left) and not head.shards
         assert head_start._pending is None
-        await asyncio.gather(reasoning.task, return_exceptions=True)
+        await request_loop.run(ended(reasoning.task))
 
     asyncio.run(scenario())

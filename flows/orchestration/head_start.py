@@ -4,7 +4,8 @@ Importing Prefect and starting a flow run take ~2 s on these machines before the
 first task runs. So `distillery run` (with `execution.task_runner: threads` and a local
 `output_dir`) first builds the run's runtime (clients, journal, sandbox, budget) and
 starts each teacher's first window of shards with the very `answer_shard` the flow's
-answer task calls, in this event loop; then it imports the flow (and `datasets`, which the
+answer task calls, on the request loop where the flow answers too
+(flows/orchestration/request_loop.py); then it imports the flow (and `datasets`, which the
 flow's publishing needs) in a thread, while those requests are out, and calls it.
 
 Until the flow takes the runtime over (`claim`), each teacher keeps as many shards under
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from flows.inputs.problem_shards import ProblemShards, run_problems
+from flows.orchestration import request_loop
 from flows.stages.shards import answer_shard, shard_name, shards_at_once
 from flows.teachers.runtime import Runtime, build_runtime
 from schemas.recipe import Recipe
@@ -39,7 +41,8 @@ ALONE_S = 0.05
 
 @dataclass
 class StartedShard:
-    """One shard's answers under way, counting what finished before anyone watched."""
+    """One shard's answers under way on the request loop, counting what finished before anyone
+    watched."""
 
     problems: list[Problem]
     task: asyncio.Task[list[Trajectory]] | None = None
@@ -52,7 +55,11 @@ class StartedShard:
             self._on_done()
 
     async def answers(self, on_done: Callable[[], None]) -> list[Trajectory]:
-        """The shard's trajectories; `on_done` hears of every sample, those already finished at once."""
+        """The shard's trajectories; `on_done` hears of every sample (on the request loop's
+        thread), those already finished at once."""
+        return await request_loop.run(self._answers(on_done))
+
+    async def _answers(self, on_done: Callable[[], None]) -> list[Trajectory]:
         for _ in range(self.finished):
             on_done()
         self._on_done = on_done
@@ -77,17 +84,29 @@ class HeadStart:
             return None
         return started
 
-    def stop_starting(self) -> None:
-        for feeder in self.feeders:
-            feeder.cancel()
+    async def stop_starting(self) -> None:
+        """Start no more shards (those under way go on)."""
+        await request_loop.run(self._stop_feeding())
 
     async def close(self) -> None:
         """Start no more shards; cancel those nobody took (their received answers stay journaled)."""
-        self.stop_starting()
+        await request_loop.run(self._close())
+
+    def _start_feeding(self) -> None:
+        self.feeders = [asyncio.ensure_future(self._feed(role)) for role in ROLES]
+
+    async def _stop_feeding(self) -> None:
+        for feeder in self.feeders:
+            feeder.cancel()
+        await asyncio.gather(*self.feeders, return_exceptions=True)
+        self.feeders = []  # a finished task keeps its coroutine, and with it the shards the feeder last read
+
+    async def _close(self) -> None:
+        await self._stop_feeding()
         left, self.shards = list(self.shards.values()), {}
         for started in left:
             _cancel(started)
-        await asyncio.gather(*self.feeders, *(s.task for s in left if s.task is not None), return_exceptions=True)
+        await asyncio.gather(*(s.task for s in left if s.task is not None), return_exceptions=True)
 
     async def _feed(self, role: str) -> None:
         """Keep the role's first shards under way, as many at once as the flow would have, starting
@@ -109,8 +128,8 @@ _pending: HeadStart | None = None
 
 
 def begin(recipe: Recipe) -> HeadStart | None:
-    """Start the first shards of a DualDistill run now (in a running event loop), for the flow
-    to claim. None where the run does not answer in this process or cannot be set up."""
+    """Start the first shards of a DualDistill run now (on the request loop), for the flow to
+    claim. None where the run does not answer in this process or cannot be set up."""
     global _pending
     if recipe.execution.task_runner != "threads" or recipe.remote_output is not None or recipe.teachers is None:
         return None
@@ -121,7 +140,7 @@ def begin(recipe: Recipe) -> HeadStart | None:
         log.debug("no head start", exc_info=True)
         return None
     head = HeadStart(recipe, runtime, problems)
-    head.feeders = [asyncio.create_task(head._feed(role)) for role in ROLES]
+    request_loop.call_soon(head._start_feeding)
     _pending = head
     return head
 
@@ -137,9 +156,7 @@ async def claim(recipe: Recipe) -> HeadStart | None:
     global _pending
     head, _pending = _pending, None
     if head is not None and head.recipe == recipe:
-        head.stop_starting()  # from here the flow starts shards
-        await asyncio.gather(*head.feeders, return_exceptions=True)
-        head.feeders = []  # a finished task keeps its coroutine, and with it the shards the feeder last read
+        await head.stop_starting()  # from here the flow starts shards
         return head
     if head is not None:
         await _close(head)
@@ -156,9 +173,9 @@ async def drop() -> None:
 
 async def _close(head: HeadStart) -> None:
     await head.close()
-    await head.runtime.aclose()
+    await request_loop.run(head.runtime.aclose())
 
 
 def _cancel(started: StartedShard) -> None:
     if started.task is not None:
-        started.task.cancel()
+        request_loop.call_soon(started.task.cancel)
