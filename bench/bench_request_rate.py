@@ -19,8 +19,10 @@ Then, in turn:
 Each prints its rate as a share of the ideal 2 × concurrency / latency requests per second
 (bare and teachers-alone timed inside their process, once set up; ours from spawn to exit).
 `--detail` adds where ours loses time: requests sent in each second, the requests the fake
-server held in flight per teacher during the first seconds and after (for every leg), and the
-fake server's own delay in answering (so a slow fake server is not mistaken for a slow client).
+server held in flight per teacher during the first seconds and after (for every leg), the
+fake server's own delay in answering (so a slow fake server is not mistaken for a slow client),
+and how much CPU time the kernel accounted during ours, per second, as a share of every core's
+(a virtual machine paused by its host accounts little or none: no process could run then).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -148,12 +151,14 @@ def main() -> None:
             recipe = write_recipe(tmp_path / "r.yaml", problems, base_url, tmp_path / "out", shard_size=250,
                                   run_name="bench-rate")
             _set_teacher_options(recipe, teacher_options)
+            host = HostCpu()
             started = time.time()
             ours = subprocess.Popen([str(ROOT / ".venv" / "bin" / "distillery"), "run", str(recipe)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                     env={**os.environ, "PREFECT_API_URL": api}, cwd=ROOT)
             _, status, usage = os.wait4(ours.pid, 0)  # its peak memory (and that of the grader it waited for)
             ended = time.time()
+            host.stop()
             if status:
                 raise SystemExit(f"distillery run failed: wait status {status}")
             windows[OURS] = (started, ended)
@@ -194,6 +199,45 @@ def main() -> None:
         print(f"the fake server's own delay past the latency, ours: mean {1000 * sum(late) / len(late):.1f} ms, "
               f"99th percentile {1000 * late[int(0.99 * len(late))]:.1f} ms; the rest of a request's overhead is in "
               "the client's process, the OS and the fake server's reading of the request")
+        print(host.describe())
+
+
+class HostCpu:
+    """Samples /proc/stat while ours runs: the CPU time the kernel accounted (busy, idle and
+    waiting alike) per wall second, as a share of every core's, and the share spent in iowait."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, list[int]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while True:
+            with open("/proc/stat") as stat:
+                self.samples.append((time.time(), [int(x) for x in stat.readline().split()[1:9]]))
+            if self._stop.wait(0.1):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def describe(self) -> str:
+        hz, cores = os.sysconf("SC_CLK_TCK"), os.cpu_count() or 1
+        first, last = self.samples[0], self.samples[-1]
+        shares, by = [], 0
+        for i, (at, fields) in enumerate(self.samples):  # whole seconds
+            if at - self.samples[by][0] >= 1.0:
+                earlier = self.samples[by]
+                shares.append(sum(fields) - sum(earlier[1]))
+                shares[-1] /= hz * cores * (at - earlier[0])
+                by = i
+        total = (sum(last[1]) - sum(first[1])) / (hz * cores * (last[0] - first[0]))
+        iowait = (last[1][4] - first[1][4]) / max(1, sum(last[1]) - sum(first[1]))
+        lowest = min(shares) if shares else float("nan")
+        return (f"the machine's CPU time accounted during ours: {total:.0%} of {cores} cores' (lowest second "
+                f"{lowest:.0%}; under ~90% the host paused this machine), iowait {iowait:.1%} of it")
 
 
 def _in_flight(arrivals: list[float], start: float, end: float, latency: float) -> float:
