@@ -13,8 +13,9 @@ Run: `distillery run recipes/demo.yaml` (no Prefect server needed), or deploy
 Per shard: load → [tool teacher ‖ reasoning teacher] → grade → stitch → its rows to
 the spool (flows/publishing/spool.py), which publishing streams into Parquet at the end;
 shards run concurrently and every stage is a Prefect task cached by the content of its
-inputs. The teachers answer on an event loop of their own (flows/orchestration/request_loop.py),
-so Prefect's work on this one never holds a request back. Every request is journaled, so a rerun after a failure sends only what
+inputs. The teachers answer on an event loop of their own, in its own thread
+(flows/orchestration/request_loop.py), so Prefect's work on this one never holds a
+request back. Every request is journaled, so a rerun after a failure sends only what
 is missing. A shard that fails does not stop the others; the run then fails
 with a message naming the stage, the endpoint and the error, and publishes nothing.
 

@@ -12,9 +12,10 @@ Run: `distillery leakage recipes/leakage_demo.yaml` (exit code 3 on a leak with
 
 Stages: the same seeded prompts go to both teachers (journaled requests, answered on the
 request loop, flows/orchestration/request_loop.py, so a rerun sends only what is missing;
-shards on a Dask or Ray cluster with `execution:`, see flows/orchestration/task_runners.py) → filter → statistical detectors (number statistics, bag classifier,
-likelihood shift where the teacher's weights are local) → optional behavioural probe →
-one verdict after a Holm correction → report.
+shards on a Dask or Ray cluster with `execution:`, see flows/orchestration/task_runners.py)
+→ filter → statistical detectors (number statistics, bag classifier, likelihood shift where
+the teacher's weights are local) → optional behavioural probe → one verdict after a Holm
+correction → report.
 """
 
 from __future__ import annotations
