@@ -16,9 +16,15 @@ SMOLLM2_VERSION   := 0.1.2
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install run test test-fast test-vllm bench sandbox-tools clean
+.PHONY: install run test test-fast test-vllm bench sandbox-tools bytecode clean
 
-install: $(VENV)/.embedded sandbox-tools
+install: $(VENV)/.embedded sandbox-tools bytecode
+
+# The project's own modules compiled to bytecode (pip compiles what it installs, not an editable
+# checkout's source): a run then reads them instead of compiling them at every start (~0.3 s of
+# `distillery run`'s imports), also where PYTHONDONTWRITEBYTECODE is set. Up-to-date files are skipped.
+bytecode: $(VENV)/.installed
+	$(BIN)/python -m compileall -q flows schemas
 
 run: install
 	$(BIN)/distillery run $(RECIPE)
