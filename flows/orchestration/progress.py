@@ -95,6 +95,8 @@ class RunProgress:
         self.state = "running"
         self._written = 0.0
         self._lock = threading.RLock()  # tickers are called on the request loop's thread too
+        self._writing = threading.Lock()
+        self._snapshots = self._on_disk = 0
 
     def stage(self, name: str, total: int, unit: str, stats: ClientStats | None = None) -> None:
         with self._lock:
@@ -151,10 +153,17 @@ class RunProgress:
             if not force and now - self._written < WRITE_EVERY_S:
                 return
             self._written = now
+            self._snapshots += 1
+            number, text = self._snapshots, json.dumps(self.snapshot(), indent=1)
+        # written outside `_lock`: a tick that only counts never waits for another thread's disk write
+        with self._writing:
+            if number < self._on_disk:
+                return  # a later snapshot is already there
             self.path.parent.mkdir(parents=True, exist_ok=True)
             temporary = self.path.with_suffix(f".tmp-{os.getpid()}")
-            temporary.write_text(json.dumps(self.snapshot(), indent=1))
+            temporary.write_text(text)
             os.replace(temporary, self.path)  # a reader never sees half a file
+            self._on_disk = number
 
     async def publish(self, force: bool = False) -> None:
         """Create or update each stage's Prefect progress artifact (at most every 2 s a stage)."""
