@@ -1,7 +1,8 @@
-"""CPython set for a `distillery` command, whose event loop serves every request in flight.
+"""CPython set for a `distillery` command, whose event loops serve every request in flight.
 
-The loop shares the interpreter with threads that import, grade, stitch and spool. Three
-things would stall it, each measured with bench/bench_request_rate.py:
+The flow's loop and the request loop (flows/orchestration/request_loop.py) share the
+interpreter with threads that import, grade, stitch and spool. Three things would stall
+them, each measured with bench/bench_request_rate.py:
 
 - **Full garbage collections.** A run holds every finished shard's rows until it publishes
   them: about a million objects the collector tracks at 20,000 answers. Each full collection
@@ -21,8 +22,8 @@ things would stall it, each measured with bench/bench_request_rate.py:
   collections off while they load and freezes what they made (no walk: freezing moves the
   collector's lists whole).
 - **The interpreter lock's switch interval.** A thread running Python keeps the lock for up
-  to `sys.getswitchinterval()` (5 ms) after the loop asks for it, each time a response wakes
-  the loop. `switching_often()` makes that 1 ms for the command's run.
+  to `sys.getswitchinterval()` (5 ms) after a loop asks for it, each time a response wakes
+  the request loop. `switching_often()` makes that 1 ms for the command's run.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
-"""The teachers' model requests on an event loop of their own, in a thread of their own.
+"""The runs' model requests on an event loop of their own, in a thread of their own.
 
-A DualDistill flow's event loop also runs Prefect's engine for every stage task (state
-changes, events, pickling and writing results), hands shards to grading and stitching, and
-updates the progress artifacts: callbacks that each hold the loop for milliseconds, some for
-tens. Every answer that arrives meanwhile waits behind them before it frees its slot and
-the next request goes out. So a run's answering (`answer_shard`: the teachers, their
-clients and the sandbox runs of their code) is run here instead, and the flow's loop awaits
-its outcome. The two threads share only the interpreter lock, which a busy thread hands
+A flow's event loop also runs Prefect's engine for every stage task (state changes, events,
+pickling and writing results), hands shards to grading and stitching, and updates the
+progress artifacts: callbacks that each hold the loop for milliseconds, some for tens. Every
+answer that arrives meanwhile waits behind them before it frees its slot and the next
+request goes out. So a run's answering (DualDistill's teachers and self-distillation's
+student and teachers through `answer_shard`, with the sandbox runs of their code; the
+leakage teachers' completions) is run here instead, and the flow's loop awaits its outcome. The two threads share only the interpreter lock, which a busy thread hands
 over every switch interval (1 ms in a `distillery` command, flows/orchestration/interpreter.py).
 
     answers = await request_loop.run(answer_shard(teacher, problems, shard, slots))
