@@ -26,7 +26,7 @@ class Problem(BaseModel):
     source_row: int = 0  # 0-based row in that source, for error messages
 
 
-GradeMethod = Literal["rule", "normalised_string", "exact", "math_verify", "grader_error"]
+GradeMethod = Literal["rule", "normalised_string", "exact", "decimal", "math_verify", "grader_error"]
 ParseStatus = Literal["both", "answer_failed", "gold_failed", "neither", "not_needed"]
 
 
@@ -36,8 +36,10 @@ class Verdict(BaseModel):
     `method`: `rule` (decided before any value was compared: no answer, truncated, empty,
     master key, invalid gold, too long), `normalised_string` (equal strings after
     normalisation), `exact` (exact arithmetic: integers, rationals, exact symbolic values
-    such as powers and factorials), `math_verify` (math-verify's comparison: decimals with
-    its tolerance, sets, intervals, expressions with symbols), `grader_error` (timeout or crash).
+    such as powers and factorials), `decimal` (a decimal against an exact value, by its digits:
+    see `flows.grading.forms.decimal_matches`), `math_verify` (math-verify's comparison:
+    sets, intervals, matrices, equations, expressions with symbols), `grader_error` (timeout
+    or crash).
     `parse_status`: whether both sides were read as mathematical values (`both`), only one
     (`answer_failed`, `gold_failed`), `neither`, or `not_needed` (decided without parsing).
     """
@@ -137,6 +139,25 @@ class Composite(BaseModel):
     mask_until: int = Field(ge=0)  # leading characters of `text` to mask from the loss (failed first attempt)
     first_model: str
     second_model: str
+
+
+class Contaminated(BaseModel):
+    """A problem set aside because it copies a benchmark item: never sent to a model."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    problem: str
+    source: str  # the problem's source and row
+    source_row: int
+    benchmark: str  # the benchmark's name
+    benchmark_problem: str  # the benchmark item it matched
+    benchmark_row: int  # that item's 0-based row in the benchmark source
+    benchmark_id: str | None  # and its id, when the benchmark maps an id column
+    method: Literal["ngram", "fuzzy"]
+    # ngram: % of the item's n-grams (boilerplate left out) found in the problem; fuzzy: rapidfuzz ratio 0-100
+    score: float
+    shared: str  # ngram: the first n-gram they share (normalised); fuzzy: the normalised item text
 
 
 class Rejected(BaseModel):

@@ -7,12 +7,23 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 from functools import lru_cache
 from importlib.metadata import version
 from typing import Any, NamedTuple
 
-from flows.grading.extraction import extract_final_answer
+from flows.grading.extraction import boxed_answers, extract_final_answer
+from flows.grading.forms import (
+    MIN_SIGNIFICANT_DIGITS,
+    assignment,
+    decimal_matches,
+    is_decimal,
+    parts,
+    same_text_form,
+    text_form,
+)
 from flows.grading.normalisation import as_rational, master_key, normalise
+from flows.grading.refusal import empty_reason
 from schemas.records import GradeMethod, ParseStatus, Verdict
 
 GRADER_VERSION = f"distillery-grader/2 + math-verify {version('math-verify')}"
@@ -63,6 +74,8 @@ _MAX_SYMBOLIC_CHARS = 500
 
 def _prepare(response: str, gold: str) -> Verdict | _Check:
     """Everything short of sympy: extraction, rejections, normalised and exact comparison."""
+    if empty := empty_reason(response):  # empty, blank, or a refusal with no answer
+        return _wrong(None, empty)
     extracted, how = extract_final_answer(response)
     if extracted is None:
         return _wrong(None, how)
@@ -78,20 +91,61 @@ def _prepare(response: str, gold: str) -> Verdict | _Check:
     expected = normalise(gold)
     if not expected:
         return _wrong(extracted, "invalid_gold: empty after normalisation")
+    if how in _FROM_BOXES:
+        boxes = boxed_answers(response)
+        values = list(dict.fromkeys(normalise(box) for box in boxes))
+        if len(values) > 1:
+            wanted = len(parts(expected))
+            if len(values) != wanted:
+                return _wrong(", ".join(boxes), f"hedge: {len(values)} different boxed answers "
+                              f"({_short(' | '.join(values))}) for a gold of {wanted} part(s)")
+            extracted, answer = ", ".join(boxes), ", ".join(values)
+    answer, expected = _joined(answer), _joined(expected)
+    answer, expected = _values_of_assignments(answer, expected)
     if answer == expected:
         return _right(extracted, "equal_after_normalisation", "normalised_string")
+    if form := text_form(answer) or text_form(expected):
+        if same_text_form(answer, expected):
+            return _right(extracted, f"equal_as_text: {form}", "normalised_string")
+        detail = f"{_short(answer)} vs {_short(expected)} (compared as text: {form})"
+        return _wrong(extracted, f"not_equivalent: {detail}")
     exact_answer, exact_gold = as_rational(answer), as_rational(expected)
     if exact_answer and exact_gold:
-        if exact_answer[0] == exact_gold[0]:
+        (answer_value, answer_decimal), (gold_value, gold_decimal) = exact_answer, exact_gold
+        if answer_value == gold_value:
             return _right(extracted, "equivalent: exact_rational", "exact", parse_status="both")
-        # With a decimal on either side math-verify's rounding rule decides (1/3 ~ 0.333333).
-        if not (exact_answer[1] or exact_gold[1]):
-            detail = f"{_short(answer)} vs {_short(expected)}"
-            return _wrong(extracted, f"not_equivalent: {detail}", "exact", parse_status="both")
+        detail = f"{_short(answer)} vs {_short(expected)}"
+        if answer_decimal != gold_decimal:  # a decimal against an exact value: the digits rule
+            decimal, exact = (answer, gold_value) if answer_decimal else (expected, answer_value)
+            if decimal_matches(decimal, exact):
+                return _right(extracted, f"equivalent: {_DECIMAL_RULE}", "decimal", parse_status="both")
+            return _wrong(extracted, f"not_equivalent: {detail} ({_DECIMAL_RULE})", "decimal", parse_status="both")
+        return _wrong(extracted, f"not_equivalent: {detail}", "exact", parse_status="both")
     if max(len(answer), len(expected)) > _MAX_SYMBOLIC_CHARS:
         detail = f"{_short(answer)} vs {_short(expected)} (too long to compare symbolically)"
         return _wrong(extracted, f"not_equivalent: {detail}")
     return _Check(extracted, answer, expected)
+
+
+_FROM_BOXES = {"answer_tag_boxed", "boxed_outside_reasoning"}
+_DECIMAL_RULE = f"a decimal equals an exact value to its last digit, given {MIN_SIGNIFICANT_DIGITS}+ significant digits"
+
+
+def _joined(answer: str) -> str:
+    """A multi-part answer written with "and", ";" or \\quad, written with commas."""
+    found = parts(answer)
+    return ", ".join(found) if len(found) > 1 else answer
+
+
+def _values_of_assignments(answer: str, gold: str) -> tuple[str, str]:
+    """`x = 5` read as `5` when the other side is a value, kept whole when it is an
+    equation too: `x = 2` and `y = 2` are different answers, `3x-6y=12` and `y=x/2-2` one line."""
+    answer_assigns, gold_assigns = assignment(answer), assignment(gold)
+    if answer_assigns and "=" not in gold:
+        return normalise(answer_assigns[1]), gold
+    if gold_assigns and "=" not in answer:
+        return answer, normalise(gold_assigns[1])
+    return answer, gold
 
 
 def _conclude(check: _Check, outcome: Outcome) -> Verdict:
@@ -154,12 +208,47 @@ def math_equivalent(answer: str, gold: str) -> Outcome:
     if not (given and expected):
         return Outcome(False, _UNPARSED_NOTE[parse_status], "math_verify", parse_status)
     if parse_status == "both":
+        answer_value, gold_value = _with_imaginary_unit(answer_value, gold_value)
+        decided = _decimal_against_exact(answer, gold, answer_value, gold_value)
+        if decided is not None:
+            return Outcome(decided, "" if decided else _DECIMAL_RULE, "decimal", parse_status)
         exact = compare_exact(gold_value, answer_value)
         if exact is not None:
             return Outcome(exact, "", "exact", parse_status)
+        given, expected = (answer_value, *given[1:]), (gold_value, *expected[1:])
     # math-verify also compares the strings it extracted when it read no value
     equivalent = verify(list(expected), list(given), timeout_seconds=None)
     return Outcome(equivalent, "", "math_verify", parse_status)
+
+
+def _with_imaginary_unit(answer: Any, gold: Any) -> tuple[Any, Any]:
+    """`i` read as the imaginary unit on both sides when either has it: (1+i)^2 = 2i."""
+    from sympy import I
+
+    units = {symbol for value in (answer, gold) for symbol in getattr(value, "free_symbols", ())
+             if symbol.name == "i"}  # math-verify's symbols carry assumptions: match by name
+    if not units:
+        return answer, gold
+    return tuple(value.subs({unit: I for unit in units}) if hasattr(value, "subs") else value
+                 for value in (answer, gold))
+
+
+def _decimal_against_exact(answer: str, gold: str, answer_value: Any, gold_value: Any) -> bool | None:
+    """The digits rule (`forms.decimal_matches`) when one side is a decimal literal and the
+    other an exact real number; None otherwise."""
+    from decimal import Decimal
+
+    from flows.grading.exact import exact_value
+
+    if is_decimal(answer) == is_decimal(gold):
+        return None
+    decimal, other = (answer, gold_value) if is_decimal(answer) else (gold, answer_value)
+    exact = exact_value(other) if hasattr(other, "free_symbols") else None
+    if exact is None or not exact.is_real:
+        return None
+    if exact.is_Rational:
+        return decimal_matches(decimal, Fraction(int(exact.p), int(exact.q)))
+    return decimal_matches(decimal, Decimal(str(exact.evalf(len(decimal) + 40))))
 
 
 def _run_equivalence(equivalence: Equivalence, answer: str, gold: str) -> Outcome:

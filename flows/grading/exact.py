@@ -2,7 +2,7 @@
 
 math-verify compares `(a - b).evalf(chop=True)` with zero, so values that differ by less
 than its precision compare equal: 2^-100 "equals" 2^-101. Here both parsed sides are
-rebuilt from integers, rationals, pi and e with +, ×, integer powers, roots, factorials and
+rebuilt from integers, rationals, pi, e and i with +, ×, integer powers, roots, factorials and
 binomials (`exact_value`), and `compare_exact` decides numbers, tuples, intervals and sets
 of them exactly. Anything else — a decimal, a symbol, a matrix, a value too large to
 evaluate quickly, or an equality sympy can neither prove nor refute — is left to math-verify.
@@ -15,6 +15,7 @@ from sympy import (
     Basic,
     E,
     Expr,
+    I,
     FiniteSet,
     Interval,
     Mul,
@@ -48,7 +49,7 @@ def exact_value(expr: Basic) -> Expr | None:
 
 
 def _evaluate(node: Basic) -> Expr:
-    if isinstance(node, Rational) or node in (pi, E):
+    if isinstance(node, Rational) or node in (pi, E, I):
         return node
     if isinstance(node, (Add, Mul)):
         return node.func(*(_evaluate(arg) for arg in node.args))

@@ -26,6 +26,8 @@ def extract_final_answer(text: str) -> tuple[str | None, str]:
         boxed = _last_boxed(blocks[-1])
         if boxed is not None:
             return boxed, "answer_tag_boxed"
+        if (math := _math_in_prose(blocks[-1])) is not None:
+            return math, "answer_tag_math"
         return blocks[-1].strip(), "answer_tag"
     # An <answer> cut off by the length limit still counts through a complete \boxed{}.
     boxed = _last_boxed(visible)
@@ -36,6 +38,36 @@ def extract_final_answer(text: str) -> tuple[str | None, str]:
     if _ANSWER_OPEN.search(visible):
         return None, "truncated: unclosed <answer> without \\boxed{}"
     return None, NO_ANSWER
+
+
+def boxed_answers(text: str) -> list[str]:
+    """Every complete `\\boxed{…}` where the final answer is read from: the last <answer>
+    block when it has one, else the text outside reasoning and tool traffic."""
+    visible, _ = _visible_text(text)
+    blocks = _ANSWER_BLOCK.findall(visible)
+    region = blocks[-1] if blocks and _BOX.search(blocks[-1]) else visible
+    found = []
+    for match in _BOX.finditer(region):
+        content = _box_content(region, match.end())
+        if content is not None and content.strip():
+            found.append(content.strip())
+    return found
+
+
+_MATH_SPAN = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
+_WORD = re.compile(r"[A-Za-z]{2,}")
+
+
+def _math_in_prose(block: str) -> str | None:
+    """The last math span of an answer written as prose ("so $x \\le 3$."), else None."""
+    spans = list(_MATH_SPAN.finditer(block))
+    if not spans:
+        return None
+    prose = _MATH_SPAN.sub(" ", block)
+    if not _WORD.search(prose):
+        return None
+    last = spans[-1]
+    return next(group for group in last.groups() if group is not None).strip()
 
 
 def _visible_text(text: str) -> tuple[str, str | None]:

@@ -7,6 +7,7 @@ from fractions import Fraction
 from functools import lru_cache
 
 from flows.grading.extraction import _braced
+from flows.grading.forms import clock_time
 
 _MASTER_KEY = re.compile(
     r"""^(?:
@@ -33,13 +34,31 @@ _REPLACEMENTS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big)(?![A-Za-z])\s*"), ""),
     (re.compile(r"\\(?:displaystyle|textstyle)(?![A-Za-z])"), ""),
     (re.compile(r"\{,\}"), ","),
-    (re.compile(r"\\!"), ""),
-    (re.compile(r"\\[,:; ]|\\quad|\\qquad|~"), " "),
+    (re.compile(r"(?<=\d),\\!\s*(?=\d{3}(?!\d))"), ","),  # 2,\!500,\!000
+    (re.compile(r"(?<!\\)\\!"), ""),
+    # a row break \\ stays whole; \, \: \; and \<space> are spaces; \quad before a unit is a space
+    (re.compile(r"(\\\\)|\\[,:; ]|~|\\q?quad(?=\s*\\(?:text|mathrm|mbox)\s*\{)"),
+     lambda match: match.group(1) or " "),
+    (re.compile(r"\s*\\\\\s*"), r"\\\\"),
+    # \quad between two values separates them (3 \quad 5 is the list 3, 5)
+    (re.compile(r"(?<=\S)\s*\\q?quad\s*(?=\S)"), ", "),
+    (re.compile(r"\s*\\q?quad\s*"), " "),
     (re.compile(r"\\?\$"), ""),
     (re.compile(r"\\?%|\\percent(?![A-Za-z])"), ""),
-    (re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°"), ""),
+    (re.compile(r"°"), r"^\\circ"),
+    (re.compile(r"\\begin\{(?:bmatrix|matrix)\}"), r"\\begin{pmatrix}"),
+    (re.compile(r"\\end\{(?:bmatrix|matrix)\}"), r"\\end{pmatrix}"),
+    # [\begin{array}{cc}…\end{array}] is a matrix; an array without brackets may be anything
+    (re.compile(r"^[\[(]\s*\\begin\{array\}\s*\{[lcr| ]*\}(.*)\\end\{array\}\s*[\])]$", re.DOTALL),
+     r"\\begin{pmatrix}\1\\end{pmatrix}"),
     (re.compile(r"[−–]"), "-"),
+    (re.compile(r"(?<=\d)\s*\\text\s*\{\s*([ap])\.?\s*m\.?\s*\}", re.IGNORECASE), r" \1m"),  # 7:05 \text{pm}
 ]
+_DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?")
+_NUMBER_IN_DEGREES = re.compile(r"(\d+(?:\.\d+)?)\s*\^\s*\{?\s*\\circ\s*\}?")
+_ANGLES_ONLY = re.compile(r"^[-+]?\d+(?:\.\d+)?(?:\s*,\s*[-+]?\d+(?:\.\d+)?)*$")
+_MIXED_NUMBER = re.compile(r"^(-?\d+)\s+(\d+)/(\d+)$")
+_MIXED_FRAC = re.compile(r"(-?)(\d+)\\frac\{(\d+)\}\{(\d+)\}")
 _TRAILING_TEXT_UNIT = re.compile(
     r"(?<=\S)\s*\\(?:(?:text|textrm|mbox)\s*\{\s*[A-Za-z][A-Za-z\s.]*"
     r"|mathrm\s*\{\s*[A-Za-z]{2,}[A-Za-z\s.]*)\}"  # \mathrm{i} is the imaginary unit
@@ -50,7 +69,6 @@ _MATH_WORDS = r"(?:pi|sqrt|inf|infinity|ln|log|exp|sin|cos|tan|mod|and|or|to|tim
 _TRAILING_UNIT_WORDS = re.compile(
     rf"^({_NUMBER})\s+(?!{_MATH_WORDS})(?:[A-Za-z]{{2,}}\b\.?\s*){{1,3}}(?:\^\s*\{{?\d\}}?)?$"
 )
-_ASSIGNMENT = re.compile(r"^\\?[A-Za-z]+(?:_\{?\w+\}?)?\s*=\s*([^=]+)$")
 _THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$|^[-+]?\d{1,3}(?: \d{3})+(?:\.\d+)?$")
 _LEADING_ZEROS = re.compile(r"(?<![\w.])0+(?=\d)")
 _SPACE_AROUND_SYMBOL = re.compile(r"\s*([=+\-*/^_{}()\[\],<>|])\s*")
@@ -73,6 +91,9 @@ def normalise(answer: str) -> str:
     Thousands separators go only when every group has three digits and no space
     follows the comma ("12,345" -> "12345"); other commas separate list items and are
     written ", " ("1,2" and "1, 2" -> "1, 2"; "12, 345" stays a two-item list).
+    A degree sign goes when the answer is angles alone ("30^\\circ"); inside an expression
+    it becomes π/180 ("\\cos(180^\\circ-\\theta)" is cos(π-θ)). An equation keeps both
+    sides: whether `x = 5` may be read as `5` depends on the other side (`compare`).
     """
     text = _ANSWER_PREFIX.sub("", answer.strip())
     for _ in range(3):
@@ -82,15 +103,26 @@ def normalise(answer: str) -> str:
             text = pattern.sub(replacement, text)
         text = " ".join(text.split())
         text = _strip_units(text)
-        if match := _ASSIGNMENT.match(text):
-            text = match.group(1).strip()
         if text == before:
             break
     if _THOUSANDS.match(text):
         text = text.replace(",", "").replace(" ", "")
-    text = _LEADING_ZEROS.sub("", text).removeprefix("+")
+    text = _degrees(text)
+    if (mixed := _MIXED_NUMBER.match(text)) and int(mixed.group(2)) < int(mixed.group(3)):
+        text = f"{mixed.group(1)}\\frac{{{mixed.group(2)}}}{{{mixed.group(3)}}}"  # 2 3/4 is 2\frac{3}{4}
+    if clock_time(text) is None:  # 07:05 keeps its minutes' zero
+        text = _LEADING_ZEROS.sub("", text)
+    text = text.removeprefix("+")
     text = _SPACE_AROUND_SYMBOL.sub(r"\1", text)
     return text.replace(",", ", ")
+
+
+def _degrees(text: str) -> str:
+    if not _DEGREES.search(text):
+        return text
+    if _ANGLES_ONLY.match(_DEGREES.sub("", text)):
+        return _DEGREES.sub("", text)
+    return _NUMBER_IN_DEGREES.sub(r"\\frac{\1\\pi}{180}", text)
 
 
 def _unwrap(text: str) -> str:
@@ -140,6 +172,9 @@ def as_rational(text: str) -> tuple[Fraction, bool] | None:
     elif match := _FRAC.fullmatch(text):
         sign = -1 if match.group(1) else 1
         numerator, denominator = sign * int(match.group(2)), int(match.group(3))
+    elif (match := _MIXED_FRAC.fullmatch(text)) and int(match.group(3)) < int(match.group(4)):
+        sign, whole, part, denominator = -1 if match.group(1) else 1, *map(int, match.group(2, 3, 4))
+        numerator = sign * (whole * denominator + part)  # a mixed number: 2\frac{3}{4} is 11/4
     else:
         return None
     return (Fraction(numerator, denominator), False) if denominator else None

@@ -1,0 +1,261 @@
+"""The grader class by class (issue 22): each form graded right where it should and wrong
+where it must, in the answer formats our two teachers write."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import pytest
+
+from flows.grading import Grader, grade
+from flows.grading.forms import decimal_matches, parts
+
+
+def reasoning(answer: str) -> str:
+    return f"<think>Let me work it out.</think>\nSo the result follows.\n<answer>\\boxed{{{answer}}}</answer>"
+
+
+def tool(answer: str) -> str:
+    return ("I will compute it.\n<code>\nprint(1 + 1)\n</code>\n<executor>\n2\n</executor>\n"
+            f"The program confirms it.\n<answer>\\boxed{{{answer}}}</answer>")
+
+
+FORMATS = [reasoning, tool]
+
+# (gold, answer) pairs the grader must call right
+RIGHT = {
+    "matrix": [
+        (r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}", r"\begin{bmatrix} 1 & 2 \\ 3 & 4 \end{bmatrix}"),
+        (r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}", r"\left[\begin{array}{cc} 1 & 2 \\ 3 & 4 \end{array}\right]"),
+        (r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}", r"\begin{pmatrix}1&2\\3&4\end{pmatrix}"),
+        (r"\begin{pmatrix} \frac{1}{2} & 2 \\ 3 & 4 \end{pmatrix}", r"\begin{pmatrix} 0.5 & 2 \\ 3 & 4 \end{pmatrix}"),
+    ],
+    "equation": [
+        (r"3x - 6y = 12", r"y = \frac{x}{2} - 2"),
+        (r"y = \frac{x}{2} - 2", r"x - 2y = 4"),
+        (r"x^2 + y^2 = 25", r"y^2 + x^2 - 25 = 0"),
+        (r"x = 5", r"5"),
+        (r"5", r"x = 5"),
+        (r"y = 2x + 3", r"y=2x+3"),
+    ],
+    "degrees inside an expression": [
+        (r"-\cos\theta", r"\cos(180^\circ - \theta)"),
+        (r"\frac{1}{2}", r"\sin 30^\circ"),
+        (r"30", r"30^\circ"),
+        (r"30^\circ", r"30"),
+        (r"30, 150", r"30^\circ, 150^\circ"),
+    ],
+    "thousands with \\!": [
+        (r"2500000", r"2,\!500,\!000"),
+        (r"2,\!500,\!000", r"2500000"),
+        (r"2,\!500,\!000", r"2{,}500{,}000"),
+    ],
+    "mixed number": [
+        (r"2\frac34", r"2 3/4"),
+        (r"2 3/4", r"\frac{11}{4}"),
+        (r"\frac{11}{4}", r"2\frac{3}{4}"),
+        (r"-2\frac{3}{4}", r"-\frac{11}{4}"),
+    ],
+    "imaginary unit": [
+        (r"2i", r"(1+i)^2"),
+        (r"3+4i", r"(2+i)^2"),
+        (r"-1", r"i^2"),
+        (r"1+i", r"i+1"),
+    ],
+    "multi-part": [
+        (r"3, 5", r"3 \quad 5"),
+        (r"3, 5", r"3 \text{ and } 5"),
+        (r"3 \quad 5", r"3, 5"),
+        (r"3 and 5", r"5, 3"),
+    ],
+    "primes and letters": [
+        (r"B'", r"B'"),
+        (r"\text{(B)}", r"B"),
+        (r"(C)", r"(c)"),
+        (r"e", r"e"),
+        (r"f'(x)", r"f'(x)"),
+    ],
+    "signed interval": [
+        (r"-(2, 5]", r"-(2,5]"),
+        (r"(-5, -2]", r"(-5, -2]"),
+    ],
+    "clock time": [
+        (r"7:05:00", r"07:05:00"),
+        (r"7:05", r"07:05"),
+        (r"19:05", r"7:05 pm"),
+        (r"7:05 \text{ p.m.}", r"19:05"),
+    ],
+    "long decimal": [
+        (r"\frac17", r"0.142857142857"),
+        (r"\frac17", r"0.142857"),
+        (r"\frac23", r"0.666666"),  # truncated at its last digit
+        (r"\frac23", r"0.666667"),  # rounded at its last digit
+        (r"\sqrt{2}", r"1.41421356"),
+        (r"\pi", r"3.14159265"),
+        (r"0.333333", r"\frac{1}{3}"),
+    ],
+}
+
+# (gold, answer) pairs the grader must call wrong
+WRONG = {
+    "matrix": [
+        (r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}", r"\begin{pmatrix} 1 & 2 & 3 & 4 \end{pmatrix}"),
+        (r"\begin{pmatrix} 1 & 6 & 4 \end{pmatrix}", r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}"),
+        (r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}", r"\begin{pmatrix} 1 & 3 \\ 2 & 4 \end{pmatrix}"),
+        (r"\begin{pmatrix} \frac{1}{3} & 2 \\ 3 & 4 \end{pmatrix}", r"\begin{pmatrix} 0.33 & 2 \\ 3 & 4 \end{pmatrix}"),
+    ],
+    "equation": [
+        (r"x = 2", r"y = 2"),
+        (r"y = 2", r"x = 2"),
+        (r"3x - 6y = 12", r"y = \frac{x}{2} + 2"),
+        (r"y = x^2", r"y = x^3"),
+    ],
+    "degrees inside an expression": [
+        (r"\cos\theta", r"\cos(180^\circ - \theta)"),
+        (r"\frac{1}{2}", r"\sin 60^\circ"),
+        (r"30", r"\frac{\pi}{6}"),
+    ],
+    "thousands with \\!": [
+        (r"2500000", r"2,\!500"),
+        (r"2,\!500,\!000", r"250000"),
+    ],
+    "mixed number": [
+        (r"2\frac34", r"2 4/3"),  # not a mixed number: the fraction is not proper
+        (r"2\frac34", r"\frac{3}{2}"),  # 2 · 3/4 is not how a mixed number reads
+        (r"2 3/4", r"2\frac{3}{5}"),
+    ],
+    "imaginary unit": [
+        (r"2i", r"2"),
+        (r"3-4i", r"(2+i)^2"),
+        (r"2i", r"(1-i)^2"),
+    ],
+    "multi-part": [
+        (r"3, 5", r"3 \quad 6"),
+        (r"3, 5", r"3"),
+        (r"3", r"3 \text{ and } 5"),
+    ],
+    "primes and letters": [
+        (r"B", r"B'"),
+        (r"B'", r"B"),
+        (r"f'(x)", r"f(x)"),
+        (r"B", r"b"),
+        (r"E", r"e"),
+        (r"e", r"2.718281828"),
+        (r"\text{(E)}", r"2.718281828459045"),
+    ],
+    "signed interval": [
+        (r"5", r"-(2, 5]"),
+        (r"(2, 5]", r"-(2, 5]"),
+        (r"-2", r"-(2, 5]"),
+        (r"(-5, -2]", r"-(2, 5]"),
+    ],
+    "clock time": [
+        (r"14:10", r"7:05"),
+        (r"1.4", r"7:05"),
+        (r"7:50", r"7:05"),
+        (r"12:00:00", r"07:05:00"),
+        (r"7:05", r"7:05 pm"),
+    ],
+    "long decimal": [
+        (r"\frac17", r"0.14"),
+        (r"\frac17", r"0.14286"),  # right digits, but only five of them
+        (r"\frac23", r"0.666668"),
+        (r"\frac13", r"0.333"),
+        (r"\sqrt{2}", r"1.4142"),
+        (r"\sqrt{2}", r"1.41421357"),
+        (r"1", r"1.0000000000000000001"),
+        (r"\frac{1}{3}", r"-0.333333"),
+    ],
+}
+
+
+def _cases(table: dict[str, list[tuple[str, str]]]) -> list:
+    return [pytest.param(gold, answer, fmt, id=f"{name}|{gold}|{answer}|{fmt.__name__}")
+            for name, pairs in table.items() for gold, answer in pairs for fmt in FORMATS]
+
+
+@pytest.mark.parametrize(("gold", "answer", "fmt"), _cases(RIGHT))
+def test_right(gold: str, answer: str, fmt) -> None:  # noqa: ANN001 - a formatter
+    verdict = grade(fmt(answer), gold)
+    assert verdict.correct, verdict
+
+
+@pytest.mark.parametrize(("gold", "answer", "fmt"), _cases(WRONG))
+def test_wrong(gold: str, answer: str, fmt) -> None:  # noqa: ANN001 - a formatter
+    verdict = grade(fmt(answer), gold)
+    assert not verdict.correct, verdict
+    assert verdict.reason  # always with its reason
+
+
+def test_the_worker_pool_agrees_with_grade() -> None:
+    pairs = [(fmt(answer), gold) for table in (RIGHT, WRONG) for cases in table.values()
+             for gold, answer in cases for fmt in FORMATS]
+    with Grader(workers=1) as grader:
+        assert [v.correct for v in grader.grade_many(pairs)] == [grade(*pair).correct for pair in pairs]
+
+
+# ------------------------------------------------------------------ boxes, hedges and prose
+
+
+def test_an_answer_split_over_boxes_is_joined_for_a_multi_part_gold() -> None:
+    response = "<think>two parts</think><answer>(a) \\boxed{3} and (b) \\boxed{5}</answer>"
+    verdict = grade(response, "3, 5")
+    assert verdict.correct, verdict
+    assert verdict.extracted == "3, 5"
+    assert not grade(response, "3, 6").correct
+
+
+def test_two_values_boxed_for_one_answer_are_a_hedge() -> None:
+    response = "<think>unsure</think><answer>It is \\boxed{3} or maybe \\boxed{4}.</answer>"
+    for gold in ("3", "4"):
+        verdict = grade(response, gold)
+        assert not verdict.correct
+        assert verdict.reason.startswith("hedge: 2 different boxed answers")
+    three = "<think>x</think><answer>\\boxed{3}, \\boxed{4} or \\boxed{5}</answer>"
+    assert grade(three, "3, 4").reason.startswith("hedge: 3 different boxed answers")
+
+
+def test_the_same_value_boxed_twice_is_one_answer() -> None:
+    response = "<think>x</think>We get \\boxed{\\frac{1}{2}}, that is \\boxed{0.5}... no: \\boxed{\\frac12}."
+    assert not grade(response, "1/2").correct  # 0.5 is written differently: two boxed values
+    assert grade("<think>x</think>So \\boxed{4}; indeed \\boxed{4}.", "4").correct
+
+
+def test_prose_in_the_answer_block_takes_the_last_math_span() -> None:
+    verdict = grade("<think>x</think><answer>so $x \\le 3$.</answer>", "x \\le 3")
+    assert verdict.correct, verdict
+    assert verdict.extracted == "x \\le 3"
+    assert grade("<answer>We have $a = 1$, hence \\(x = 7\\).</answer>", "7").correct
+    assert not grade("<answer>so $x \\le 4$.</answer>", "x \\le 3").correct
+    assert not grade("<answer>it is $3$ and not $4$</answer>", "3").correct  # the last span is the answer
+
+
+# ----------------------------------------------------------------------- the decimal rule
+
+
+@pytest.mark.parametrize(
+    ("decimal", "exact", "matches"),
+    [
+        ("0.142857", Fraction(1, 7), True),  # six significant digits, truncated
+        ("0.1428571", Fraction(1, 7), True),  # rounded (…5714 → …571)
+        ("0.14286", Fraction(1, 7), False),  # five significant digits: too few
+        ("0.142858", Fraction(1, 7), False),  # neither truncated nor rounded
+        ("0.000000142857", Fraction(1, 7_000_000), True),  # leading zeros are not significant
+        ("333333.3", Fraction(1_000_000, 3), True),
+        ("-0.666667", Fraction(-2, 3), True),
+        ("0.666667", Fraction(-2, 3), False),
+        ("0.5", Fraction(1, 2), True),  # equal exactly: no digit count needed
+        ("2.50", Fraction(5, 2), True),
+    ],
+)
+def test_decimal_rule_both_sides(decimal: str, exact: Fraction, matches: bool) -> None:
+    assert decimal_matches(decimal, exact) is matches
+
+
+def test_parts_split_only_at_the_top_level() -> None:
+    assert parts("3 \\quad 5") == ["3", "5"]
+    assert parts("3 and 5") == ["3", "5"]
+    assert parts("(1, 2), [3, 4)") == ["(1, 2)", "[3, 4)"]
+    assert parts("\\{1, 2\\}") == ["\\{1, 2\\}"]
+    assert parts("\\frac{1}{2}, x") == ["\\frac{1}{2}", "x"]
+    assert parts("band") == ["band"]
