@@ -119,6 +119,9 @@ class GradedTrajectory(Trajectory):
     grade_reason: str
     grade_method: GradeMethod = "rule"  # which rule decided (see Verdict)
     parse_status: ParseStatus = "not_needed"
+    # math-verify's verdict on the whole text alone (None: it timed out or crashed); where it
+    # differs from `correct`, `distillery grade --audit` shows why
+    math_verify_correct: bool | None = None
     messages: list[ChatMessage] = Field(default_factory=list)  # [system?, user, assistant (= text)]
 
 

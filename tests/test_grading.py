@@ -606,7 +606,7 @@ def test_math_equivalent_reports_unparseable_input() -> None:
 
 
 def test_version_names_math_verify() -> None:
-    assert GRADER_VERSION.startswith("distillery-grader/2 + math-verify 0.9")
+    assert GRADER_VERSION.startswith("distillery-grader/3 + math-verify 0.9")
 
 
 # ------------------------------------------------------------------------------------ JSONL

@@ -3,12 +3,20 @@ where it must, in the answer formats our two teachers write."""
 
 from __future__ import annotations
 
+import json
 from fractions import Fraction
 
 import pytest
+from typer.testing import CliRunner
 
-from flows.grading import Grader, grade
+from flows.cli import app
+from flows.grading import Grader, audit_jsonl, grade
+from flows.grading.compare import math_verify_alone
 from flows.grading.forms import decimal_matches, parts
+from flows.publishing.report import summarise, wrong_reasons_markdown
+from flows.publishing.rounds import RowFigures
+from flows.stages.shards import grade_shard
+from schemas.records import Problem, Trajectory
 
 
 def reasoning(answer: str) -> str:
@@ -259,3 +267,55 @@ def test_parts_split_only_at_the_top_level() -> None:
     assert parts("\\{1, 2\\}") == ["\\{1, 2\\}"]
     assert parts("\\frac{1}{2}, x") == ["\\frac{1}{2}", "x"]
     assert parts("band") == ["band"]
+
+
+# --------------------------------------------------------------------------- the audit
+
+
+def _audit_file(tmp_path) -> tuple:  # noqa: ANN001 - pytest's tmp_path
+    """Our class cases as a JSONL file, with the (gold, answer) of each line."""
+    cases = [(gold, answer) for table in (RIGHT, WRONG) for pairs in table.values() for gold, answer in pairs]
+    path = tmp_path / "cases.jsonl"
+    path.write_text("".join(json.dumps({"answer": gold, "response": reasoning(answer)}) + "\n" for gold, answer in cases))
+    return path, cases
+
+
+def test_audit_lists_where_math_verify_alone_disagrees(tmp_path) -> None:  # noqa: ANN001
+    path, cases = _audit_file(tmp_path)
+    with path.open() as lines:
+        audit = audit_jsonl(lines, source=str(path), workers=0)
+    assert audit.graded == len(cases)
+    listed = {row.line: row for rows in audit.by_reason.values() for row in rows}
+    # a primed name: math-verify alone drops the prime and calls B' right for B; we do not
+    line = cases.index(("B", "B'")) + 1
+    assert listed[line].ours is False and listed[line].math_verify is True
+    assert "not_equivalent (as text: primed name) [rule]" in audit.by_reason
+    # every listed line really is graded both ways, and every unlisted one the same way
+    for number, (gold, answer) in enumerate(cases, start=1):
+        ours = grade(reasoning(answer), gold).correct
+        alone = math_verify_alone(reasoning(answer), gold).equivalent
+        assert (number in listed) == (ours != alone), (gold, answer)
+
+
+def test_grade_audit_command_prints_the_groups(tmp_path) -> None:  # noqa: ANN001
+    path, cases = _audit_file(tmp_path)
+    result = CliRunner().invoke(app, ["grade", "--audit", str(path)])
+    assert result.exit_code == 0, result.output
+    assert f"{len(cases)} answers graded; math-verify alone grades" in result.output
+    assert "primed name" in result.output and "clock time" in result.output
+
+
+def test_graded_rows_keep_both_verdicts_and_the_summary_counts_disagreements() -> None:
+    problems = [Problem(id="p1", problem="Which point?", answer="B"), Problem(id="p2", problem="1+2?", answer="3")]
+    answers = [
+        Trajectory(problem_id="p1", teacher="reasoning", model="m", text=reasoning("B'"), finish_reason="stop"),
+        Trajectory(problem_id="p2", teacher="reasoning", model="m", text=reasoning("3"), finish_reason="stop"),
+    ]
+    with Grader(workers=0) as grader:
+        graded = grade_shard(answers, problems, grader)
+    assert [(g.correct, g.math_verify_correct) for g in graded] == [(False, True), (True, True)]
+    summary = summarise("run", 2, graded, [], [])
+    assert summary.teachers["reasoning"].disagree_with_math_verify == 1
+    assert "Graded the other way by math-verify alone: reasoning 1" in wrong_reasons_markdown(summary)
+    figures = RowFigures.of(graded, [], [])
+    assert figures.disagree_with_math_verify == 1

@@ -7,7 +7,8 @@ snake_case prefix can be grepped (`no_answer`, `truncated`, `empty_answer`,
 `grader_timeout`, `grader_crash`, `grader_error`, ...), the rule that decided (`method`:
 `rule`, `normalised_string`, `exact`, `math_verify`, `grader_error`) and whether both
 sides were parsed as values (`parse_status`).
-Run: `distillery grade FILE.jsonl` (see `grade_jsonl`).
+Run: `distillery grade FILE.jsonl` (see `grade_jsonl`); `distillery grade --audit FILE.jsonl`
+lists where our grader and math-verify alone disagree, grouped by our reason (`audit_jsonl`).
 
 Extraction order, and why
 -------------------------
@@ -28,16 +29,32 @@ The reference code counted an answer as correct when the gold was a *substring* 
 - An empty answer, or a "master key" — an empty opener such as "Let's solve this step
   by step.", "Solution" or a lone ":" that fools LLM judges — is wrong before anything
   is compared: an answer must be a mathematical value.
-- Both sides are normalised (thousands separators, leading zeros, units, `\\$`, `%`,
-  `\\dfrac`, `x = …`, surrounding `$`, trailing period); equal strings are correct.
-- Integers and fractions are compared exactly as rationals.
+- Both sides are normalised (thousands separators, `2,\\!500`, leading zeros, units,
+  `\\$`, `%`, `\\dfrac`, surrounding `$`, trailing period, `bmatrix`/`array` as `pmatrix`
+  with their rows kept, `2 3/4` as `2\\frac{3}{4}`, "3 and 5" / `3 \\quad 5` as "3, 5", a
+  degree sign dropped from bare angles and read as π/180 inside an expression); equal
+  strings are correct.
+- `x = 5` is read as `5` only when the other side is not an equation: `x = 2` and `y = 2`
+  differ, while two equations of one line (`3x-6y=12`, `y=x/2-2`) are compared by math-verify.
+- Several different boxed values where the answer is read are a hedge, and wrong, unless
+  the gold has as many parts ("3, 5" against `\\boxed{3}` and `\\boxed{5}`). Prose in an
+  `<answer>` block without a box gives its last `$…$` span ("so $x \\le 3$.").
+- Forms math-verify misreads are compared as text (`forms.text_form`): clock times (`7:05`
+  is not 7/5), primed names (`B'` is not `B`), capital letters and choices (`B` is not `b`,
+  a letter `e` is not 2.718…), a sign before a bracket (`-(2, 5]` is not 5).
+- Integers and fractions are compared exactly as rationals; a mixed number `2\\frac{3}{4}` is 11/4.
+- A decimal against an exact value (`forms.decimal_matches`): equal when it gives at least
+  6 significant digits and each is the exact value's, truncated or rounded at its last
+  digit (0.142857 and 0.1428571 are 1/7; 0.14286, 0.333 and 1.41421357 are not 1/7, 1/3
+  and √2). Two decimals are equal only when their values are.
+- `i` is the imaginary unit whenever a side has it: (1+i)^2 = 2i.
 - Everything else is parsed by math-verify (sympy). When both sides are exact numbers —
   integers, rationals, pi and e combined by arithmetic, powers, roots, factorials and
   binomials, or tuples, intervals and sets of them — equality is decided by exact
   arithmetic (`exact`). math-verify's own comparison has a float tolerance, so size could
   fool it: 1/2^100 "equals" 1/2^101, √(10^40+1) "equals" 10^20. math-verify decides only
-  when a decimal, a symbol or another kind of value is involved, or a number too large
-  to evaluate such as 9^(9^9); its rounding is what makes 0.333333 equal 1/3.
+  when a symbol or another kind of value is involved, or a number too large to evaluate
+  such as 9^(9^9).
 - math-verify's timeouts use `signal.alarm`, which fails outside the main thread, so
   they are switched off: `grade` is safe in any thread but unbounded in time, and
   `Grader` bounds it by running the comparison in worker processes that it kills and
@@ -46,9 +63,10 @@ The reference code counted an answer as correct when the gold was a *substring* 
 Modules
 -------
 `extraction` (the final answer), `normalisation` (canonical strings, master keys, exact
-rationals), `exact` (exact comparison of parsed numbers), `compare` (`grade`: cheap
-rules, then sympy), `workers` (the worker processes), `grader` (`Grader`, batches),
-`jsonl` (`grade_jsonl`, `GradeInputError`).
+rationals), `forms` (times, letters, primes, parts, assignments, the decimal rule), `exact`
+(exact comparison of parsed numbers), `compare` (`grade`: cheap rules, then sympy;
+`math_verify_alone`, the audit's second opinion), `workers` (the worker processes), `grader` (`Grader`, batches),
+`jsonl` (`grade_jsonl`, `audit_jsonl`, `GradeInputError`), `refusal` (empty and refusing responses).
 Their public names (and the internals the bench uses) are importable from here.
 """
 
@@ -64,11 +82,13 @@ from flows.grading.compare import (
 )
 from flows.grading.extraction import NO_ANSWER, extract_final_answer
 from flows.grading.grader import Grader
-from flows.grading.jsonl import GradeInputError, grade_jsonl
+from flows.grading.jsonl import Audit, GradeInputError, audit_jsonl, grade_jsonl
 from flows.grading.normalisation import as_rational, master_key, normalise
 
 __all__ = [
     "GRADER_VERSION",
+    "Audit",
+    "audit_jsonl",
     "NO_ANSWER",
     "Equivalence",
     "GradeInputError",

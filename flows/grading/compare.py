@@ -26,7 +26,7 @@ from flows.grading.normalisation import as_rational, master_key, normalise
 from flows.grading.refusal import empty_reason
 from schemas.records import GradeMethod, ParseStatus, Verdict
 
-GRADER_VERSION = f"distillery-grader/2 + math-verify {version('math-verify')}"
+GRADER_VERSION = f"distillery-grader/3 + math-verify {version('math-verify')}"
 
 
 class Outcome(NamedTuple):
@@ -249,6 +249,20 @@ def _decimal_against_exact(answer: str, gold: str, answer_value: Any, gold_value
     if exact.is_Rational:
         return decimal_matches(decimal, Fraction(int(exact.p), int(exact.q)))
     return decimal_matches(decimal, Decimal(str(exact.evalf(len(decimal) + 40))))
+
+
+def math_verify_alone(response: str, gold: str) -> Outcome:
+    """math-verify as its own README grades: the whole response parsed as it comes, the gold
+    read in a `\\boxed{}`; our extraction, rules and exact arithmetic play no part. The
+    second opinion of `distillery grade --audit` and of every run's `math_verify_correct`."""
+    from math_verify import parse, verify
+
+    expected = parse(f"\\boxed{{{gold}}}", parsing_timeout=None)
+    given = parse(response, parsing_timeout=None)
+    status = _PARSE_STATUS[_value(tuple(given)) is not None, _value(tuple(expected)) is not None]
+    if not (given and expected):
+        return Outcome(False, _UNPARSED_NOTE[status], "math_verify", status)
+    return Outcome(bool(verify(expected, given, timeout_seconds=None)), "", "math_verify", status)
 
 
 def _run_equivalence(equivalence: Equivalence, answer: str, gold: str) -> Outcome:

@@ -15,9 +15,15 @@ from flows.grading.compare import (
     _prepare,
     _run_equivalence,
     math_equivalent,
+    math_verify_alone,
 )
 from flows.grading.workers import _Pool
 from schemas.records import Verdict
+
+
+def _close(*pools: _Pool) -> None:
+    for pool in pools:
+        pool.close()
 
 
 class Grader:
@@ -50,7 +56,9 @@ class Grader:
         self._equivalence = equivalence
         self._lock = threading.Lock()
         self._pool = _Pool(workers, timeout_s, equivalence) if workers else None
-        self._finalizer = weakref.finalize(self, self._pool.close) if self._pool else None
+        # math-verify alone, for `second_opinions`: its workers start at its first use
+        self._second = _Pool(workers, timeout_s, math_verify_alone) if workers else None
+        self._finalizer = weakref.finalize(self, _close, self._pool, self._second) if self._pool else None
 
     def grade_many(self, pairs: Sequence[tuple[str, str]]) -> list[Verdict]:
         """Verdicts for (response, gold) pairs, in order."""
@@ -58,6 +66,17 @@ class Grader:
         keys = list(dict.fromkeys(s.key for s in staged if isinstance(s, _Check)))
         outcomes = self._outcomes(keys) if keys else {}
         return [s if isinstance(s, Verdict) else _conclude(s, outcomes[s.key]) for s in staged]
+
+    def second_opinions(self, pairs: Sequence[tuple[str, str]]) -> list[bool | None]:
+        """math-verify's verdict alone for (response, gold) pairs, in order (`math_verify_alone`);
+        None where it timed out or crashed."""
+        keys = list(dict.fromkeys(pairs))
+        if self._second is None:
+            outcomes = {key: _run_equivalence(math_verify_alone, *key) for key in keys}
+        else:
+            with self._lock:
+                outcomes = self._second.run(keys, self._chunk_size)
+        return [outcomes[pair].equivalent for pair in pairs]
 
     def _outcomes(self, keys: list[Key]) -> dict[Key, Outcome]:
         if self._pool is None:

@@ -29,6 +29,7 @@ class RoundSummary:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     sent: int = 0  # requests that reached an endpoint in this run
+    disagree_with_math_verify: int = 0  # samples math-verify alone grades the other way
     wall_s: float = 0.0
     next_student: str | None = None  # what the trainer made, when one ran
     datasets: dict[str, str] = field(default_factory=dict)
@@ -54,6 +55,7 @@ class RowFigures:
     rejected: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    disagree_with_math_verify: int = 0
 
     @classmethod
     def of(cls, samples: Sequence[GradedTrajectory], examples: Sequence[SelfDistillExample],
@@ -61,7 +63,9 @@ class RowFigures:
         return cls(verification=sum(e.kind == "verification" for e in examples),
                    correction=sum(e.kind == "correction" for e in examples), rejected=len(rejected),
                    prompt_tokens=sum(s.prompt_tokens for s in samples),
-                   completion_tokens=sum(s.completion_tokens for s in samples))
+                   completion_tokens=sum(s.completion_tokens for s in samples),
+                   disagree_with_math_verify=sum(s.math_verify_correct is not None and s.math_verify_correct != s.correct
+                                                 for s in samples))
 
     def __add__(self, other: RowFigures) -> RowFigures:
         return RowFigures(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
@@ -76,6 +80,7 @@ def summarise_round(round_number: int, student: str, stats: dict, rows: RowFigur
         problems_with_duplicates=stats["problems_with_duplicates"],
         examples={"verification": rows.verification, "correction": rows.correction},
         rejected=rows.rejected, prompt_tokens=rows.prompt_tokens, completion_tokens=rows.completion_tokens, sent=sent,
+        disagree_with_math_verify=rows.disagree_with_math_verify,
     )
 
 
@@ -91,7 +96,10 @@ def rounds_markdown(rounds: list[RoundSummary]) -> str:
         for r in rounds
     ]
     warnings = [f"- round {r.round}: {w}" for r in rounds if (w := r.duplicate_warning)]
-    return "\n".join([head, *rows]) + ("\n\n**Duplicate samples**\n" + "\n".join(warnings) if warnings else "")
+    audit = ", ".join(f"round {r.round} {r.disagree_with_math_verify}" for r in rounds)
+    return ("\n".join([head, *rows]) + f"\n\nSamples graded the other way by math-verify alone: {audit} "
+            "(`math_verify_correct` in the `round-N-samples/` datasets; `distillery grade --audit` lists why)."
+            + ("\n\n**Duplicate samples**\n" + "\n".join(warnings) if warnings else ""))
 
 
 def summary_markdown(run_name: str, rounds: list[RoundSummary]) -> str:

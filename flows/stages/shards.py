@@ -137,17 +137,19 @@ def unfinished_trace(trajectory: Trajectory) -> Verdict | None:
 def grade_shard(
     trajectories: Sequence[Trajectory], problems: Sequence[Problem], grader: Grader, system_prompt: str | None = None
 ) -> list[GradedTrajectory]:
-    """Grade every answer; each graded row also carries its own SFT `messages`."""
+    """Grade every answer; each graded row also carries its own SFT `messages` and
+    math-verify's verdict alone (`math_verify_correct`, the grader audit's second opinion)."""
     by_id = {p.id: p for p in problems}
     early = [unfinished_trace(t) for t in trajectories]
     pending = [(t.text, by_id[t.problem_id].answer) for t, v in zip(trajectories, early, strict=True) if v is None]
     graded = iter(grader.grade_many(pending))
     verdicts = [v if v is not None else next(graded) for v in early]
+    second = grader.second_opinions([(t.text, by_id[t.problem_id].answer) for t in trajectories])
     return [
         GradedTrajectory(
             **t.model_dump(), correct=v.correct, extracted=v.extracted, grade_reason=v.reason,
-            grade_method=v.method, parse_status=v.parse_status,
+            grade_method=v.method, parse_status=v.parse_status, math_verify_correct=mv,
             messages=sft_messages(by_id[t.problem_id].problem, t.text, untrained_ranges(t.tool_spans), system_prompt),
         )
-        for t, v in zip(trajectories, verdicts, strict=True)
+        for t, v, mv in zip(trajectories, verdicts, second, strict=True)
     ]
