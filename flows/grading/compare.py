@@ -5,6 +5,7 @@ the rest (`math_equivalent`: exact arithmetic, else math-verify), then the verdi
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -91,7 +92,7 @@ def _prepare(response: str, gold: str) -> Verdict | _Check:
     expected = normalise(gold)
     if not expected:
         return _wrong(extracted, "invalid_gold: empty after normalisation")
-    if how in _FROM_BOXES:
+    if how in _FROM_BOXES and len(_BOX_OPENINGS.findall(response)) > 1:
         boxes = boxed_answers(response)
         values = list(dict.fromkeys(normalise(box) for box in boxes))
         if len(values) > 1:
@@ -128,6 +129,7 @@ def _prepare(response: str, gold: str) -> Verdict | _Check:
 
 
 _FROM_BOXES = {"answer_tag_boxed", "boxed_outside_reasoning"}
+_BOX_OPENINGS = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _DECIMAL_RULE = f"a decimal equals an exact value to its last digit, given {MIN_SIGNIFICANT_DIGITS}+ significant digits"
 
 

@@ -82,11 +82,14 @@ def same_text_form(answer: str, gold: str) -> bool:
 
 # Separators of a multi-part answer at the top level: commas, semicolons, "and", \quad.
 _SEPARATOR = re.compile(r"\s*(?:,|;|\\q?quad\b|\\text\{\s*and\s*\}|\band\b)\s*")
+_MAYBE_SEPARATED = re.compile(r"[,;]|quad|and")
 _OPEN, _CLOSE = "([{", ")]}"
 
 
 def parts(answer: str) -> list[str]:
     """The parts of an answer separated at the top level (outside brackets and braces)."""
+    if not _MAYBE_SEPARATED.search(answer):
+        return [answer.strip()] if answer.strip() else []
     found, depth, start = [], 0, 0
     position = 0
     while position < len(answer):
