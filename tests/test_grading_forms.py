@@ -93,6 +93,16 @@ RIGHT = {
         (r"19:05", r"7:05 pm"),
         (r"7:05 \text{ p.m.}", r"19:05"),
     ],
+    # found by running other projects' grading suites through ours
+    "assignments and ratios": [
+        (r"1000", r"x = 1,000"),
+        (r"1000", r"n = 1\,000"),
+        (r"12000023", r"x = 12,\!000,\!023"),
+        (r"S_{MBCN}:S=7:32", r"7:32"),
+        (r"11:21", r"V_{1}:V_{2}=11:21"),
+        (r"\frac{71}{6}", r"+11 5/6"),
+        (r"\{1,2,3\}", r"\{3, 2, 1\}"),
+    ],
     "long decimal": [
         (r"\frac17", r"0.142857142857"),
         (r"\frac17", r"0.142857"),
@@ -164,6 +174,11 @@ WRONG = {
         (r"12:00:00", r"07:05:00"),
         (r"7:05", r"7:05 pm"),
     ],
+    "assignments and ratios": [
+        (r"1000", r"x = 1,001"),
+        (r"7:32", r"V_{1}:V_{2}=7:23"),
+        (r"\frac{71}{6}", r"-11 5/6"),
+    ],
     "long decimal": [
         (r"\frac17", r"0.14"),
         (r"\frac17", r"0.14286"),  # right digits, but only five of them
@@ -221,6 +236,25 @@ def test_two_values_boxed_for_one_answer_are_a_hedge() -> None:
         assert verdict.reason.startswith("hedge: 2 different boxed answers")
     three = "<think>x</think><answer>\\boxed{3}, \\boxed{4} or \\boxed{5}</answer>"
     assert grade(three, "3, 4").reason.startswith("hedge: 3 different boxed answers")
+
+
+def test_a_set_boxed_member_by_member_is_the_set() -> None:
+    for response in ("<answer>\\boxed{1} and \\boxed{2} and \\boxed{3}</answer>",
+                     "<answer>\\boxed{3},\\boxed{2},\\boxed{1}</answer>"):
+        assert grade(response, "\\{1,2,3\\}").correct
+        assert not grade(response, "\\{1,2\\}").correct
+
+
+def test_a_stray_backslash_at_the_end_is_dropped() -> None:
+    assert grade("<answer>185\\</answer>", "185").correct
+    assert grade("<answer>\\boxed{185\\ }</answer>", "185").correct
+    assert grade("<answer>\\boxed{185}</answer>", "185\\").correct
+
+
+def test_an_escaped_dollar_is_not_a_math_delimiter() -> None:
+    verdict = grade("<answer>The price is $\\$10$.</answer>", "10")
+    assert verdict.correct, verdict
+    assert not grade("<answer>The price is $\\$12$.</answer>", "10").correct
 
 
 def test_the_same_value_boxed_twice_is_one_answer() -> None:

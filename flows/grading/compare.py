@@ -96,11 +96,14 @@ def _prepare(response: str, gold: str) -> Verdict | _Check:
         boxes = boxed_answers(response)
         values = list(dict.fromkeys(normalise(box) for box in boxes))
         if len(values) > 1:
-            wanted = len(parts(expected))
-            if len(values) != wanted:
+            wanted, members = len(parts(expected)), _SET.fullmatch(expected)
+            if members and len(parts(members.group(1))) == len(values):  # a set's members, boxed one by one
+                extracted, answer = ", ".join(boxes), "\\{" + ", ".join(values) + "\\}"
+            elif len(values) != wanted:
                 return _wrong(", ".join(boxes), f"hedge: {len(values)} different boxed answers "
                               f"({_short(' | '.join(values))}) for a gold of {wanted} part(s)")
-            extracted, answer = ", ".join(boxes), ", ".join(values)
+            else:
+                extracted, answer = ", ".join(boxes), ", ".join(values)
     answer, expected = _joined(answer), _joined(expected)
     answer, expected = _values_of_assignments(answer, expected)
     if answer == expected:
@@ -129,6 +132,7 @@ def _prepare(response: str, gold: str) -> Verdict | _Check:
 
 
 _FROM_BOXES = {"answer_tag_boxed", "boxed_outside_reasoning"}
+_SET = re.compile(r"\\?\{(.*)\\?\}")
 _BOX_OPENINGS = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _DECIMAL_RULE = f"a decimal equals an exact value to its last digit, given {MIN_SIGNIFICANT_DIGITS}+ significant digits"
 

@@ -54,7 +54,9 @@ def boxed_answers(text: str) -> list[str]:
     return found
 
 
-_MATH_SPAN = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
+# `$…$`, `$$…$$`, `\\(…\\)`, `\\[…\\]`; an escaped `\\$` is a dollar sign, not a delimiter
+_MATH_SPAN = re.compile(r"(?<!\\)\$\$(.+?)(?<!\\)\$\$|(?<!\\)\$(.+?)(?<!\\)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]",
+                        re.DOTALL)
 _WORD = re.compile(r"[A-Za-z]{2,}")
 
 

@@ -28,7 +28,9 @@ _TIME = re.compile(
 _CHOICE = re.compile(r"\(([A-Za-z])\)|([A-Za-z])")
 _PRIME = re.compile(r"[A-Za-z}\)]\s*(?:'|\\prime\b|\^\{?\\prime\}?)")
 _SIGNED_BRACKET = re.compile(r"^[-+]\s*[(\[].*,.*[)\]]$")
-_ASSIGNMENT = re.compile(r"^(\\?[A-Za-z]+(?:_\{?\w+\}?)?)\s*=\s*([^=]+)$")
+_NAME = r"\\?[A-Za-z]+(?:_\{?\w+\}?)?"
+# `x = 5`, `a_1 = 5`, and a ratio of names `V_{1}:V_{2} = 11:21`
+_ASSIGNMENT = re.compile(rf"^({_NAME}(?:\s*:\s*{_NAME})*)\s*=\s*([^=]+)$")
 
 
 def clock_time(answer: str) -> tuple[int, int, int, str] | None:

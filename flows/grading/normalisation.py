@@ -7,7 +7,7 @@ from fractions import Fraction
 from functools import lru_cache
 
 from flows.grading.extraction import _braced
-from flows.grading.forms import clock_time
+from flows.grading.forms import assignment, clock_time
 
 _MASTER_KEY = re.compile(
     r"""^(?:
@@ -52,12 +52,13 @@ _REPLACEMENTS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"^[\[(]\s*\\begin\{array\}\s*\{[lcr| ]*\}(.*)\\end\{array\}\s*[\])]$", re.DOTALL),
      r"\\begin{pmatrix}\1\\end{pmatrix}"),
     (re.compile(r"[−–]"), "-"),
+    (re.compile(r"(?<!\\)\\\s*$"), ""),  # a stray backslash at the end: `185\`
     (re.compile(r"(?<=\d)\s*\\text\s*\{\s*([ap])\.?\s*m\.?\s*\}", re.IGNORECASE), r" \1m"),  # 7:05 \text{pm}
 ]
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?")
 _NUMBER_IN_DEGREES = re.compile(r"(\d+(?:\.\d+)?)\s*\^\s*\{?\s*\\circ\s*\}?")
 _ANGLES_ONLY = re.compile(r"^[-+]?\d+(?:\.\d+)?(?:\s*,\s*[-+]?\d+(?:\.\d+)?)*$")
-_MIXED_NUMBER = re.compile(r"^(-?\d+)\s+(\d+)/(\d+)$")
+_MIXED_NUMBER = re.compile(r"^\+?(-?\d+)\s+(\d+)/(\d+)$")
 _MIXED_FRAC = re.compile(r"(-?)(\d+)\\frac\{(\d+)\}\{(\d+)\}")
 _TRAILING_TEXT_UNIT = re.compile(
     r"(?<=\S)\s*\\(?:(?:text|textrm|mbox)\s*\{\s*[A-Za-z][A-Za-z\s.]*"
@@ -105,6 +106,9 @@ def normalise(answer: str) -> str:
         text = _strip_units(text)
         if text == before:
             break
+    if (named := assignment(text)) is not None:  # `x = 1,000`: the value normalised as a value
+        name, value = named
+        return _SPACE_AROUND_SYMBOL.sub(r"\1", name) + "=" + normalise(value)
     if _THOUSANDS.match(text):
         text = text.replace(",", "").replace(" ", "")
     text = _degrees(text)
