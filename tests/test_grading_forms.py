@@ -102,6 +102,8 @@ RIGHT = {
         (r"11:21", r"V_{1}:V_{2}=11:21"),
         (r"\frac{71}{6}", r"+11 5/6"),
         (r"\{1,2,3\}", r"\{3, 2, 1\}"),
+        (r"\frac{7}{25}", r"28\%"),  # a percentage of the gold's value
+        (r"28", r"28\%"),  # or the gold counts in percent
     ],
     "long decimal": [
         (r"\frac17", r"0.142857142857"),
@@ -178,6 +180,8 @@ WRONG = {
         (r"1000", r"x = 1,001"),
         (r"7:32", r"V_{1}:V_{2}=7:23"),
         (r"\frac{71}{6}", r"-11 5/6"),
+        (r"28", r"0.28\%"),
+        (r"\frac{7}{25}", r"28"),  # without a percent sign 28 is 28
     ],
     "long decimal": [
         (r"\frac17", r"0.14"),

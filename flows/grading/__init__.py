@@ -43,6 +43,8 @@ The reference code counted an answer as correct when the gold was a *substring* 
   is not 7/5), primed names (`B'` is not `B`), capital letters and choices (`B` is not `b`,
   a letter `e` is not 2.718…), a sign before a bracket (`-(2, 5]` is not 5).
 - Integers and fractions are compared exactly as rationals; a mixed number `2\\frac{3}{4}` is 11/4.
+  An answer with a percent sign equals a gold without one when its number is the gold
+  (`28\\%` for 28, the gold counted in percent) or its value is (`28\\%` for 7/25).
 - A decimal against an exact value (`forms.decimal_matches`): equal when it gives at least
   6 significant digits and each is the exact value's, truncated or rounded at its last
   digit (0.142857 and 0.1428571 are 1/7; 0.14286, 0.333 and 1.41421357 are not 1/7, 1/3

@@ -118,6 +118,9 @@ def _prepare(response: str, gold: str) -> Verdict | _Check:
         (answer_value, answer_decimal), (gold_value, gold_decimal) = exact_answer, exact_gold
         if answer_value == gold_value:
             return _right(extracted, "equivalent: exact_rational", "exact", parse_status="both")
+        if _PERCENT.search(extracted) and not _PERCENT.search(gold) and answer_value / 100 == gold_value:
+            return _right(extracted, "equivalent: exact_rational (a percentage of the gold's value)", "exact",
+                          parse_status="both")  # 28% for a gold of 7/25; 28% for 28 is equal above
         detail = f"{_short(answer)} vs {_short(expected)}"
         if answer_decimal != gold_decimal:  # a decimal against an exact value: the digits rule
             decimal, exact = (answer, gold_value) if answer_decimal else (expected, answer_value)
@@ -132,6 +135,7 @@ def _prepare(response: str, gold: str) -> Verdict | _Check:
 
 
 _FROM_BOXES = {"answer_tag_boxed", "boxed_outside_reasoning"}
+_PERCENT = re.compile(r"%|\\percent(?![A-Za-z])")
 _SET = re.compile(r"\\?\{(.*)\\?\}")
 _BOX_OPENINGS = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _DECIMAL_RULE = f"a decimal equals an exact value to its last digit, given {MIN_SIGNIFICANT_DIGITS}+ significant digits"
