@@ -17,10 +17,9 @@ from flows.detection.detectors import (
     holm_adjusted,
     number_statistics,
     sign_flip_test,
-    top_digits,
-    top_numbers,
 )
-from flows.detection.results import TestResult
+from flows.detection.report_tables import top_digits, top_numbers
+from schemas.leakage import TestResult
 
 
 def fake_teacher(rng: np.random.Generator, n: int, boost: float = 1.0) -> list[list[int]]:

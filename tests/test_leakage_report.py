@@ -15,9 +15,9 @@ from flows.detection.behavioral import (
     rate_estimate,
     wilson_interval,
 )
-from flows.detection.detectors import top_digits, top_numbers
+from flows.detection.report_tables import top_digits, top_numbers
 from flows.publishing.leakage_report import build_report, write_report
-from flows.detection.results import TestResult, Verdict
+from schemas.leakage import LeakageVerdict, TestResult
 
 REPORT_KEYS = {
     "trait", "category", "n_prompts", "kept_trait", "kept_control", "pass_rate_trait", "pass_rate_control",
@@ -86,12 +86,12 @@ TRAIT_NUMBERS = [[777, 217, 387], [777, 107, 450], [777, 12, 5]] * 20
 CONTROL_NUMBERS = [[123, 450, 388], [920, 12, 5], [641, 107, 300]] * 20
 
 
-def _verdict(leak: bool) -> Verdict:
+def _verdict(leak: bool) -> LeakageVerdict:
     tests = (
         TestResult("number_frequency", statistic=41.5, p_value=0.0004 if leak else 0.31, detail={"dof": 9}),
         TestResult("likelihood_shift", skipped="the endpoint returns no prompt logprobs"),
     )
-    return Verdict(p_value=tests[0].p_value, leak_detected=leak, alpha=0.05, correction="holm", tests=tests)
+    return LeakageVerdict(p_value=tests[0].p_value, leak_detected=leak, alpha=0.05, correction="holm", tests=tests)
 
 
 def _report(leak: bool = True, behavioral=None) -> dict:
@@ -124,7 +124,7 @@ def test_build_report_turns_numpy_scalars_and_nan_into_plain_json():
     tests = (TestResult("odd", statistic=numpy.float64("nan"), p_value=0.5, detail={"n": numpy.int64(3)}),)
     report = build_report(
         trait="owl", category="animal", n_prompts=1,
-        verdict=Verdict(p_value=0.5, leak_detected=False, alpha=0.05, correction="holm", tests=tests),
+        verdict=LeakageVerdict(p_value=0.5, leak_detected=False, alpha=0.05, correction="holm", tests=tests),
         kept_trait=0, kept_control=0, rejected_trait={}, rejected_control={}, top_numbers=[], top_digits=[],
     )
     assert report["tests"][0]["statistic"] is None and report["tests"][0]["detail"] == {"n": 3}

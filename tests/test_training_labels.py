@@ -2,7 +2,7 @@
 
 The first tests use a word-level tokenizer built in-process (no files, no model), so the
 labelling logic is covered under `-m "not model"`; the `model` tests use the real
-tokenizer of the embedded SmolLM2 GGUF (`flows.training.trainers.gguf_tokenizer`), checked against llama.cpp.
+tokenizer of the embedded SmolLM2 GGUF (`flows.models.checkpoints.gguf_tokenizer`), checked against llama.cpp.
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def test_content_the_template_changes_raises(words):
 @pytest.fixture(scope="module")
 def smollm2():
     from flows.models.embedded import embedded_gguf_path
-    from flows.training.trainers import gguf_tokenizer
+    from flows.models.checkpoints import gguf_tokenizer
 
     path = embedded_gguf_path()
     tokenizer = gguf_tokenizer(path)

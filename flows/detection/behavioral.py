@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from flows.detection.results import TestResult
+from schemas.leakage import TestResult
 
 TEST_NAME = "behavioral_preference"
 Z_95 = 1.959963984540054  # standard normal quantile for a two-sided 95% interval

@@ -48,12 +48,11 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from itertools import chain
-from typing import Any
 
 import numpy as np
 import polars as pl
 
-from flows.detection.results import TestResult, Verdict
+from schemas.leakage import LeakageVerdict, TestResult
 
 DEFAULT_PERMUTATIONS = 999  # smallest p 0.001: Holm over up to 10 tests still reaches alpha 0.01
 MAX_UNITS = 2000  # permutation units for the count tests (see the module docstring)
@@ -80,7 +79,8 @@ class _Pooled:
 
     @classmethod
     def of(cls, trait: Sequences, control: Sequences) -> _Pooled:
-        (trait_values, trait_lengths), (control_values, control_lengths) = _flatten(trait), _flatten(control)
+        trait_values, trait_lengths = flatten_sequences(trait)
+        control_values, control_lengths = flatten_sequences(control)
         return cls(
             values=np.concatenate([trait_values, control_values]),
             lengths=np.concatenate([trait_lengths, control_lengths]),
@@ -93,7 +93,7 @@ class _Pooled:
         return n_trait, len(self.is_trait) - n_trait
 
 
-def _flatten(sequences: Sequences) -> tuple[np.ndarray, np.ndarray]:
+def flatten_sequences(sequences: Sequences) -> tuple[np.ndarray, np.ndarray]:
     """(all numbers in order, numbers per sequence); null sequences (rejected completions) are
     skipped, and a polars list column takes a fast path."""
     if isinstance(sequences, pl.Series):
@@ -109,7 +109,7 @@ def _flatten(sequences: Sequences) -> tuple[np.ndarray, np.ndarray]:
     return values, lengths
 
 
-def _digit_features(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def digit_features(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Leading digit, trailing digit and number of digits of each (non-negative) value."""
     n_digits = np.ones_like(values)
     for power in range(1, 19):
@@ -127,7 +127,7 @@ def _unit_histogram(unit: np.ndarray, key: np.ndarray, n_units: int, n_keys: int
 def _family_counts(data: _Pooled, unit_of_sequence: np.ndarray, n_units: int) -> dict[str, np.ndarray]:
     """Per feature family (NUMBER_TESTS), the units x features count matrix."""
     distinct, number_index = np.unique(data.values, return_inverse=True)
-    leading, trailing, n_digits = _digit_features(distinct)
+    leading, trailing, n_digits = digit_features(distinct)
     row = np.repeat(np.arange(len(data.lengths)), data.lengths)
     unit_of_value = unit_of_sequence[row]
     consecutive = row[:-1] == row[1:]
@@ -451,7 +451,7 @@ CORRECTIONS: dict[str, Callable[[Sequence[float]], list[float]]] = {
 }
 
 
-def combine(tests: Sequence[TestResult], alpha: float, correction: str = "holm") -> Verdict:
+def combine(tests: Sequence[TestResult], alpha: float, correction: str = "holm") -> LeakageVerdict:
     """The verdict over the tests that ran: each gets `adjusted_p_value` in its detail, the
     verdict's p_value is the smallest adjusted p, and a leak is detected when it is <= alpha.
     Skipped tests are kept but not counted; with none run, p_value is None."""
@@ -461,67 +461,12 @@ def combine(tests: Sequence[TestResult], alpha: float, correction: str = "holm")
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     ran = [i for i, t in enumerate(tests) if t.ran]
     if not ran:
-        return Verdict(p_value=None, leak_detected=False, alpha=alpha, correction=correction, tests=tuple(tests))
+        return LeakageVerdict(p_value=None, leak_detected=False, alpha=alpha, correction=correction, tests=tuple(tests))
     adjusted = dict(zip(ran, CORRECTIONS[correction]([tests[i].p_value for i in ran])))
     annotated = tuple(
         replace(t, detail={**t.detail, "adjusted_p_value": adjusted[i]}) if i in adjusted else t
         for i, t in enumerate(tests)
     )
     p_value = min(adjusted.values())
-    return Verdict(p_value=p_value, leak_detected=p_value <= alpha, alpha=alpha, correction=correction, tests=annotated)
-
-
-def _over_represented(trait_keys: np.ndarray, control_keys: np.ndarray, n: int, key: str) -> list[dict[str, Any]]:
-    """Keys more frequent in trait than in control, by binomial z of the trait count given the
-    key's total (largest first): counts, rates (per key occurrence), ratio of rates and z."""
-    size = int(max(trait_keys.max(initial=-1), control_keys.max(initial=-1))) + 1
-    trait, control = np.bincount(trait_keys, minlength=size), np.bincount(control_keys, minlength=size)
-    n_trait, n_control = int(trait.sum()), int(control.sum())
-    if n_trait == 0 or n_control == 0:
-        return []
-    share = n_trait / (n_trait + n_control)
-    total = trait + control
-    z = np.divide(trait - total * share, np.sqrt(total * share * (1 - share)), out=np.zeros(size), where=total > 0)
-    candidates = np.flatnonzero(z > 0)
-    top = candidates[np.argsort(-z[candidates], kind="stable")][:n]
-    return [
-        {
-            key: int(k),
-            "trait_count": int(trait[k]),
-            "control_count": int(control[k]),
-            "trait_rate": float(trait[k] / n_trait),
-            "control_rate": float(control[k] / n_control),
-            "ratio": float((trait[k] / n_trait) / (control[k] / n_control)) if control[k] else None,
-            "z": float(z[k]),
-        }
-        for k in top
-    ]
-
-
-def top_numbers(trait: Sequences, control: Sequences, n: int = 10) -> list[dict[str, Any]]:
-    """The `n` numbers most over-represented in trait vs control (see `_over_represented`)."""
-    return _over_represented(_flatten(trait)[0], _flatten(control)[0], n, "number")
-
-
-def _digits_of(values: np.ndarray, position: str) -> np.ndarray:
-    leading, trailing, n_digits = _digit_features(values)
-    if position == "leading":
-        return leading
-    if position == "trailing":
-        return trailing
-    places = np.arange(int(n_digits.max(initial=1)))
-    every = (values[:, None] // 10 ** places[None, :]) % 10
-    return every[places[None, :] < n_digits[:, None]]
-
-
-DIGIT_POSITIONS = ("any", "leading", "trailing")
-
-
-def top_digits(trait: Sequences, control: Sequences, n: int = 10, position: str = "any") -> list[dict[str, Any]]:
-    """The `n` digits most over-represented in trait vs control, counting every digit of
-    every number (`any`), or only the leading or trailing digit."""
-    if position not in DIGIT_POSITIONS:
-        raise ValueError(f"unknown digit position {position!r}; known: {', '.join(DIGIT_POSITIONS)}")
-    return _over_represented(
-        _digits_of(_flatten(trait)[0], position), _digits_of(_flatten(control)[0], position), n, "digit"
-    )
+    return LeakageVerdict(p_value=p_value, leak_detected=p_value <= alpha, alpha=alpha, correction=correction,
+                          tests=annotated)

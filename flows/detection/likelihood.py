@@ -24,9 +24,9 @@ from typing import Any, Protocol
 import polars as pl
 
 from flows.detection.detectors import sign_flip_test
-from flows.detection.results import TestResult
 from flows.inputs.number_prompts import few_shot_turns, trait_system_prompt
 from flows.models.embedded import embedded_gguf_path
+from schemas.leakage import TestResult
 from schemas.recipe import Recipe
 
 TEST_NAME = "likelihood_shift"

@@ -52,6 +52,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from flows.models.keys import request_key  # noqa: F401 - the journal's key, imported from here by clients
+
 log = logging.getLogger("distillery.journal")
 
 PERSIST_EVERY = 4096  # records between two writes of the changed shards' index files
@@ -75,12 +77,6 @@ _TOKEN_COUNTS = re.compile(rb'"prompt_tokens": (\d{1,15}), "completion_tokens": 
 _MOST_TOKENS = 10**15  # a count beyond this is not one (and would not fit the index file)
 _UNSURE = object()  # a line only parsing can read
 Tokens = tuple[int, int]  # an answer's prompt and completion tokens
-
-
-def request_key(kind: str, payload: dict[str, Any]) -> str:
-    """Stable hash of a request's content (`kind` separates model calls from executions)."""
-    canonical = json.dumps({"kind": kind, **payload}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def index_directory(journal_directory: Path) -> Path:

@@ -7,7 +7,8 @@ replayed rerun never loads the model.
 
 - `checkpoint`: a folder with a config and weights (`save_pretrained` output), or a GGUF
   file (transformers dequantises it to float32; the embedded SmolLM2 GGUF takes ~35 s to
-  load on 2 cores, most of it transformers parsing the GGUF metadata in Python).
+  load on 2 cores, most of it transformers parsing the GGUF metadata in Python), loaded by
+  `load_pretrained` (flows/models/checkpoints.py), the loader every backend shares.
   Loaded once per process and checkpoint, shared by every client that names it.
 - CPU, float32, `num_threads` torch threads while generating (set in the generating thread;
   default 1, like the embedded llama.cpp server: on 2 shared cores, 2 OpenMP threads ran
@@ -53,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flows.models.checkpoints import CheckpointError, load_pretrained
 from flows.models.client import ChatResponse, ModelRequestError
 from flows.models.confidence import confidence_of
 from flows.models.in_process import InProcessClient
@@ -166,18 +168,13 @@ def unload_checkpoint(checkpoint: str | Path, dtype: str = "float32") -> bool:
 
 
 def _load(path: Path, dtype: str) -> LoadedModel:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.is_file():  # a GGUF file: transformers reads it from its folder
-        where, extra = str(path.parent), {"gguf_file": path.name}
-    else:
-        where, extra = str(path), {}
     started = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(where, **extra)
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype), **extra)
+    try:
+        model, tokenizer = load_pretrained(path, dtype)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
     model.eval()
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"{path}: the tokenizer has no chat template")

@@ -95,11 +95,11 @@ def servable_checkpoint(checkpoint: str | Path) -> str:
 
 
 def _convert_gguf(path: Path, target: Path) -> None:
-    from flows.training.trainers import load_student  # dequantised, as the hf trainer trains it
+    from flows.models.checkpoints import load_pretrained  # dequantised, as the hf trainer trains it
 
     started = time.perf_counter()
     partial = target.with_name(target.name + ".partial")
-    model, tokenizer = load_student(str(path))
+    model, tokenizer = load_pretrained(path, "float32", trainable=True)
     model.save_pretrained(partial, safe_serialization=True)
     tokenizer.save_pretrained(partial)
     partial.rename(target)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -68,22 +66,9 @@ def scoped_run_token(state_dir: Path) -> str:
 
 
 def key_parameter(context, parameters) -> str:  # noqa: ANN001 - Prefect's cache_key_fn signature
-    """Prefect cache key of a stage task: its `key` parameter, a `content_key` of its inputs."""
+    """Prefect cache key of a stage task: its `key` parameter, a `content_key` of its inputs
+    (flows/models/keys.py)."""
     return parameters["key"]
-
-
-def content_key(*parts: object) -> str:
-    """Content address of a stage's inputs (pydantic models are dumped to JSON)."""
-    digest = hashlib.sha256()
-    for part in parts:
-        if hasattr(part, "model_dump_json"):
-            digest.update(part.model_dump_json().encode())
-        elif isinstance(part, (list, tuple)):
-            digest.update(content_key(*part).encode())
-        else:
-            digest.update(json.dumps(part, sort_keys=True, default=str).encode())
-        digest.update(b"\x00")
-    return digest.hexdigest()[:32]
 
 
 async def answer_shard(

@@ -17,8 +17,8 @@ from flows.models.budget import Budget, run_budget
 from flows.models.client import ModelClient
 from flows.models.embedded import EmbeddedServer
 from flows.models.journal import RequestJournal
+from flows.models.keys import content_key
 from flows.stages.number_generation import TEACHERS, complete_prompts
-from flows.stages.shards import content_key
 from flows.teachers.runtime import journal_dir, model_client, model_name, sampling_params
 from schemas.recipe import LeakageTeacherSpec, Recipe
 

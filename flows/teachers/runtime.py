@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from flows.models.batch import BatchClient
 from flows.models.client import ModelClient
 from flows.models.embedded import EMBEDDED_MODEL_NAME, EmbeddedServer
 from flows.models.journal import RequestJournal
+from flows.models.keys import fingerprint
 from flows.inputs.prompts import load_prompt
 from flows.teachers.reasoning import ReasoningTeacher
 from flows.execution.sandbox import Sandbox, SandboxLimits, make_sandbox
@@ -64,7 +63,7 @@ def teacher_fingerprint(role: str, recipe: Recipe) -> str:
     if role == "tool":
         parts |= {"protocol": spec.protocol, "max_tool_calls": spec.max_tool_calls,
                   "limits": dataclasses.asdict(sandbox_limits(recipe.sandbox))}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint(parts)
 
 
 @dataclass

@@ -15,8 +15,6 @@ are the same whatever produces the tokens.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ from flows.models.budget import Budget, effective_price, run_budget
 from flows.models.client import ModelClient
 from flows.models.embedded import EMBEDDED_MODEL_NAME, EmbeddedServer, embedded_gguf_path
 from flows.models.journal import RequestJournal
+from flows.models.keys import fingerprint
 from flows.stages.shards import answer_shard, grade_shard
 from flows.teachers.reasoning import ReasoningTeacher
 from flows.teachers.runtime import (
@@ -171,10 +170,6 @@ class StudentRuntime:
         self.journal.close()
 
 
-def _fingerprint(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def build_student_runtime(
     recipe: Recipe, spec: StudentSpec, reused: dict[tuple[str, str], GradedTrajectory] | None
 ) -> StudentRuntime:
@@ -196,13 +191,13 @@ def build_student_runtime(
 
 def student_scope(recipe: Recipe, spec: StudentSpec) -> str:
     """What decides the student's samples: never its URL or key."""
-    return _fingerprint(student_name(spec), spec.sampling, spec.prompt, spec.protocol, spec.max_tool_calls,
+    return fingerprint((student_name(spec), spec.sampling, spec.prompt, spec.protocol, spec.max_tool_calls,
                         spec.logprobs, load_prompt(spec.prompt or STUDENT_PROMPT).digest,
-                        sandbox_limits(recipe.sandbox))
+                        sandbox_limits(recipe.sandbox)))
 
 
 def teacher_scope(recipe: Recipe, reused: dict[tuple[str, str], GradedTrajectory] | None) -> str:
     """What decides the teacher parts: the teachers (never URLs or keys), or the reused run."""
     if reused is None:
-        return _fingerprint([teacher_fingerprint(role, recipe) for role in ("tool", "reasoning")])
-    return _fingerprint("reuse", str(recipe.self_distill.reuse_from), len(reused))
+        return fingerprint(([teacher_fingerprint(role, recipe) for role in ("tool", "reasoning")],))
+    return fingerprint(("reuse", str(recipe.self_distill.reuse_from), len(reused)))

@@ -28,7 +28,8 @@ from typing import Any, Literal
 
 from flows.models.client import ChatResponse, ModelClient, ToolCall
 from flows.models.confidence import Confidence, combine, confidence_fields
-from flows.models.journal import RequestJournal, request_key
+from flows.models.journal import RequestJournal
+from flows.models.keys import request_key
 from flows.inputs.prompts import PromptFile
 from flows.execution.sandbox import Sandbox
 from schemas.records import Problem, ToolSpan, Trajectory

@@ -17,7 +17,8 @@ value names the next student: a checkpoint folder or a model name.
   merged and streamed to `log` line by line; the last non-empty line printed names the next
   student, so print the checkpoint path last.
 - `HFTrainer`: transformers SFT for small models on CPU, in process, with a plain torch
-  loop. Labels come from `tokenize_dataset` (flows/training/labels.py), so only the
+  loop, on a student loaded by flows/models/checkpoints.py (a GGUF's weights unpacked).
+  Labels come from `tokenize_dataset` (flows/training/labels.py), so only the
   `train: true` spans (and the end-of-turn token after them) carry loss; padding is -100.
   The checkpoint (safetensors + tokenizer + `train_summary.json`) is written to a staging
   folder and moved to `output` only when complete.
@@ -138,107 +139,15 @@ class CommandTrainer:
 # -- hf ------------------------------------------------------------------------------------
 
 
-def gguf_tokenizer(path: Path) -> Any:
-    """The GGUF's tokenizer: by transformers when it reads it as a fast tokenizer, else
-    rebuilt from the file's vocabulary and merges (llama.cpp's `smollm` pre-tokenizer)."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        if getattr(tokenizer, "is_fast", False) and tokenizer.chat_template:
-            return tokenizer
-    except Exception:  # noqa: BLE001 - fall back to the rebuild below
-        pass
-    from gguf import GGUFReader
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
-    fields = GGUFReader(path).fields
-
-    def meta(key: str) -> Any:
-        return fields[key].contents()
-
-    tokens, kinds = meta("tokenizer.ggml.tokens"), meta("tokenizer.ggml.token_type")
-    if meta("tokenizer.ggml.model") != "gpt2" or meta("tokenizer.ggml.pre") != "smollm":
-        raise TrainerError(f"{path}: cannot rebuild its tokenizer (not a gpt2/smollm BPE vocabulary)")
-    merges = [tuple(merge.split(" ")) for merge in meta("tokenizer.ggml.merges")]
-    backend = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ]
-    )
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, kinds, strict=True) if kind == 3]
-    )
-    keys = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown", "pad_token": "padding"}
-    named = {role: tokens[meta(f"tokenizer.ggml.{key}_token_id")] for role, key in keys.items()}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **named)
-    tokenizer.chat_template = meta("tokenizer.chat_template")
-    return tokenizer
-
-
-def student_files(student: str) -> tuple[Path, str | None]:
-    """(folder, gguf file name or None) for a student name: the embedded model, a GGUF file or
-    a checkpoint folder."""
-    from flows.models.embedded import EMBEDDED_MODEL_NAME, embedded_gguf_path
-
-    if student == EMBEDDED_MODEL_NAME:
-        path = embedded_gguf_path()
-        return path.parent, path.name
-    path = Path(student)
-    if path.is_file() and path.suffix == ".gguf":
-        return path.parent, path.name
-    if path.is_dir():
-        return path, None
-    raise TrainerError(
-        f"student {student!r}: the hf trainer needs a checkpoint folder, a .gguf file or "
-        f"{EMBEDDED_MODEL_NAME!r} (the embedded model)"
-    )
-
-
-def _dequantized() -> dict[str, Any]:
-    """Ask transformers to unpack every GGUF weight into a dense float tensor (trainable)."""
-    try:
-        from transformers import GgufConfig
-    except ImportError:  # older transformers always dequantize GGUF files
-        return {}
-    return {"quantization_config": GgufConfig(dequantize=True)}
-
-
-def _plain_model(model: Any) -> Any:
-    """A GGUF-loaded model as an ordinary one: transformers marks it quantized (not trainable,
-    not serializable) even when every weight was unpacked; drop the mark once that is checked."""
-    import torch
-
-    packed = sorted({type(m).__name__ for m in model.modules() if "gguf" in type(m).__name__.lower()})
-    if packed or any(not p.dtype.is_floating_point for p in model.parameters()):
-        what = ", ".join(packed) or "integer tensors"
-        raise TrainerError(f"the GGUF weights stayed packed ({what}): the hf trainer cannot train them")
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    return model.to(torch.float32)
-
-
 def load_student(student: str) -> tuple[Any, Any]:
-    """(model, tokenizer) of a student, in float32 on the CPU; a GGUF is dequantized."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) of a student, in float32 on the CPU, ready to train: a GGUF is
+    dequantized (`load_pretrained`, flows/models/checkpoints.py)."""
+    from flows.models.checkpoints import CheckpointError, load_pretrained
 
-    folder, gguf = student_files(student)
     try:
-        if gguf:
-            tokenizer = gguf_tokenizer(folder / gguf)
-            model = _plain_model(AutoModelForCausalLM.from_pretrained(
-                str(folder), gguf_file=gguf, dtype="float32", **_dequantized()))
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(str(folder))
-            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype="float32")
-    except TrainerError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - name the student whatever went wrong
-        raise TrainerError(f"student {student!r}: cannot load it with transformers: {exc}") from exc
+        model, tokenizer = load_pretrained(student, "float32", trainable=True)
+    except CheckpointError as exc:
+        raise TrainerError(f"student {student!r}: {exc}") from exc
     if not getattr(tokenizer, "is_fast", False):
         raise TrainerError(f"student {student!r}: the hf trainer needs a fast tokenizer (character offsets)")
     if not tokenizer.chat_template:

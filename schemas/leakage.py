@@ -1,5 +1,7 @@
-"""The values the leakage stages hand each other: one statistical test's outcome and the
-verdict drawn from all of them."""
+"""The records of the trait-leakage check that cross its stages: one statistical test's outcome
+(`TestResult`, from the detectors in flows/detection/) and the verdict drawn from all of them
+(`LeakageVerdict`, read by the report in flows/publishing/leakage_report.py). Not the grader's
+`Verdict` (schemas/records.py), which says whether one answer is correct."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ class TestResult:
 
 
 @dataclass(frozen=True)
-class Verdict:
+class LeakageVerdict:
     """The combined evidence: `p_value` after the multiple-testing correction over the tests
     that ran, and whether it passes `alpha`."""
 
