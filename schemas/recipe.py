@@ -50,6 +50,47 @@ class ProblemsSpec(_Strict):
         return self
 
 
+class BenchmarkColumns(_Strict):
+    """Which benchmark columns hold the problem text and (optionally) its id."""
+
+    problem: str = "problem"
+    answer: str | None = None  # accepted so a `problems.columns` mapping can be copied; never read
+    id: str | None = None  # absent: an item is named by its row
+
+
+class BenchmarkSpec(_Strict):
+    """A benchmark whose items must stay out of the data, read like `problems:`."""
+
+    source: str  # .jsonl, .parquet, a local HF dataset folder, or a hub dataset name (needs the network)
+    name: str | None = None  # in the counts and `contaminated/` rows; default: the source's file name
+    split: str = "test"  # split to read from a dataset folder or the hub
+    columns: BenchmarkColumns = BenchmarkColumns()
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.source.rstrip("/")).stem or self.source
+
+
+class DecontaminateSpec(_Strict):
+    """Problems that copy a benchmark item are set aside before any model call, after
+    `problems.limit` (flows/inputs/decontamination.py says how matching works)."""
+
+    against: list[BenchmarkSpec] = Field(min_length=1)  # benchmarks; a problem counts for the first it matches
+    ngram: int = Field(default=8, ge=0)  # a shared run of this many words (lowercased, no punctuation) flags; 0 = off
+    fuzzy: float = Field(default=95, ge=0, le=100)  # rapidfuzz ratio of the whole texts at least this flags; 0 = off
+    # an n-gram found in this many benchmark items or more is boilerplate ("express your answer as a
+    # common fraction"), not a copy; 0 = every n-gram counts
+    common: int = Field(default=5, ge=0)
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> DecontaminateSpec:
+        labels = [benchmark.label for benchmark in self.against]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise ValueError(f"benchmark names must be unique; give `name:` to tell apart {', '.join(twice)}")
+        return self
+
+
 class Sampling(_Strict):
     temperature: float = Field(default=0.6, ge=0.0, le=2.0)
     top_p: float = Field(default=0.95, gt=0.0, le=1.0)
@@ -421,6 +462,7 @@ class Recipe(_Strict):
     student: StudentSpec | None = None
     self_distill: SelfDistillSpec | None = None
     leakage: LeakageSpec | None = None
+    decontaminate: DecontaminateSpec | None = None  # DualDistill and self-distillation: keep benchmark items out
     stitching: StitchingSpec = StitchingSpec()
     sandbox: SandboxSpec = SandboxSpec()
     shard_size: int = Field(default=250, ge=1)  # problems per Prefect task
@@ -476,6 +518,8 @@ def check_job(recipe: Recipe, job: Job, source: str = "<recipe>") -> Recipe:
     missing = [name for name in needed if getattr(recipe, name) is None]
     if missing:
         raise RecipeError(f"{source}: the {job} job needs " + ", ".join(f"`{name}:`" for name in missing))
+    if job == "leakage" and recipe.decontaminate is not None:
+        raise RecipeError(f"{source}: `decontaminate:` is for the dualdistill and self_distill jobs, not {job}")
     return recipe
 
 
@@ -511,6 +555,11 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
         if not source.startswith("builtin:") and not Path(source).is_absolute():
             source = str(base_dir / source)
         update["problems"] = recipe.problems.model_copy(update={"source": source})
+    if recipe.decontaminate is not None:  # a path that is not there here may be a hub dataset name
+        against = [b.model_copy(update={"source": str(base_dir / b.source)})
+                   if not Path(b.source).is_absolute() and (base_dir / b.source).exists() else b
+                   for b in recipe.decontaminate.against]
+        update["decontaminate"] = recipe.decontaminate.model_copy(update={"against": against})
     if recipe.self_distill is not None and recipe.self_distill.reuse_from is not None:
         update["self_distill"] = recipe.self_distill.model_copy(
             update={"reuse_from": resolved(recipe.self_distill.reuse_from)})

@@ -3,17 +3,20 @@
 A run used to load every problem into memory and keep them for its whole length: ~1 KB of
 Python objects a problem besides its text, so a million-problem run held gigabytes before
 its first request. Instead `problem_shards` reads the source once, row by row, checking
-each row as before (`read_problems`: a missing column, an empty problem or answer, bad
-JSON name the file and row), and appends every problem as one JSON line to
-`<state_dir>/problems/<digest of the problems spec>.jsonl`. What the run keeps is each
-problem's line's byte offset and length (16 bytes), in run order:
+each row as before (`read_problems`: bytes that are not UTF-8, bad JSON, a missing column,
+an empty problem or answer name the file and row; a source with no row, or one id on two
+rows with a different problem or answer, are errors too), and appends every problem as
+one JSON line to `<state_dir>/problems/<digest of the problems spec>.jsonl`. What the run
+keeps is each problem's line's byte offset and length (16 bytes), in run order:
 
 - duplicates dropped: a repeat of an earlier problem (same id, problem and answer) is
-  dropped; the same id with another problem or answer is an error naming both rows. Found
+  dropped (the same id with another problem or answer: `read_problems` has refused it). Found
   by sorting 64-bit hashes of the ids, then reading back the few lines whose hashes meet;
 - shuffled with `random.Random(seed).shuffle`, as a list of problems was, so the run order
   (and with it every shard, and every cached result) is the one earlier versions had;
-- cut to `limit`.
+- cut to `limit`;
+- with `decontaminate:`, without the problems that copy a benchmark item (`run_problems`,
+  flows/inputs/decontamination.py: their records are the shards' `set_aside`).
 
 `ProblemShards.read(i)` reads shard i's lines (one `pread` each) when the run starts that
 shard. The file is written anew, under a temporary name, every time a run starts, and the
@@ -38,9 +41,10 @@ from pathlib import Path
 
 import numpy as np
 
+from flows.inputs.decontamination import decontaminated
 from flows.inputs.problems import ProblemSourceError, arithmetic_problems, read_problems
 from schemas.recipe import BUILTIN_ARITHMETIC, ProblemsSpec, Recipe
-from schemas.records import Problem
+from schemas.records import Contaminated, Problem
 
 log = logging.getLogger("distillery.problems")
 
@@ -56,6 +60,7 @@ class ProblemShards:
     offsets: np.ndarray  # byte offset of each problem's line, in run order
     lengths: np.ndarray  # and its length, without the newline
     shard_size: int
+    set_aside: tuple[Contaminated, ...] = ()  # problems left out as copies of benchmark items (`decontaminate:`)
 
     @property
     def count(self) -> int:
@@ -103,8 +108,10 @@ def problem_shards(spec: ProblemsSpec, shard_size: int, folder: Path) -> Problem
 
 
 def run_problems(recipe: Recipe) -> ProblemShards:
-    """The recipe's problems in its shards, written under its state folder."""
-    return problem_shards(recipe.problems, recipe.shard_size, recipe.state_dir / "problems")
+    """The recipe's problems in its shards, written under its state folder, without those that
+    copy a benchmark item (`decontaminate:`, flows/inputs/decontamination.py)."""
+    shards = problem_shards(recipe.problems, recipe.shard_size, recipe.state_dir / "problems")
+    return decontaminated(shards, recipe.decontaminate)
 
 
 def load_problems(spec: ProblemsSpec) -> list[Problem]:
@@ -172,7 +179,7 @@ def _without_duplicates(source: str, lines: _OpenLines, offsets: array, lengths:
                 continue
             if (earlier.problem, earlier.answer) == (problem.problem, problem.answer):
                 drop.add(index)
-            else:
+            else:  # `read_problems` has refused these; here only for a source rewritten while read
                 conflicts.append((problem.source_row, f"{source} row {problem.source_row}: id {problem.id!r} already "
                                   f"used by row {earlier.source_row} with a different problem or answer"))
     if conflicts:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.models.client import ModelClient
-from schemas.recipe import ProblemsSpec, Recipe, TeacherSpec
+from schemas.recipe import Recipe, TeacherSpec
 
 
 @dataclass
@@ -185,7 +185,7 @@ def make_plan(recipe: Recipe, job: str) -> Plan:
         plan.wall_s = _overlapping(roles)
         return plan
 
-    count, pilot_problems = _counted(recipe.problems, pilot)
+    count, pilot_problems = _counted(recipe, pilot)
     if job == "dualdistill":
         measured = asyncio.run(_pilot_dualdistill(recipe, pilot_problems)) if pilot else {}
         tool, reasoning = recipe.teachers.tool, recipe.teachers.reasoning
@@ -213,12 +213,14 @@ def make_plan(recipe: Recipe, job: str) -> Plan:
     return plan
 
 
-def _counted(spec: ProblemsSpec, pilot: int) -> tuple[int, list]:
-    """How many problems the run has, and its first `pilot` (read from disk: not all held)."""
+def _counted(recipe: Recipe, pilot: int) -> tuple[int, list]:
+    """How many problems the run has, and its first `pilot` (read from disk: not all held);
+    without those `decontaminate:` sets aside, so no benchmark copy reaches a model."""
+    from flows.inputs.decontamination import decontaminated
     from flows.inputs.problem_shards import problem_shards
 
     with tempfile.TemporaryDirectory(prefix="distillery-plan-") as folder:
-        shards = problem_shards(spec, max(pilot, 1), Path(folder))
+        shards = decontaminated(problem_shards(recipe.problems, max(pilot, 1), Path(folder)), recipe.decontaminate)
         return shards.count, shards.read(0) if pilot and shards.count else []
 
 

@@ -1,16 +1,25 @@
-"""Publish a run's three datasets (composites, trajectories, rejected) with their cards."""
+"""Publish a run's three datasets (composites, trajectories, rejected) with their cards, and
+with `decontaminate:` the problems it set aside (`contaminated/`)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
 
-from flows.publishing.report import RunSummary, cases_markdown, teachers_markdown, wrong_reasons_markdown
+from flows.publishing.report import (
+    RunSummary,
+    cases_markdown,
+    contaminated_markdown,
+    teachers_markdown,
+    wrong_reasons_markdown,
+)
 from flows.publishing.spool import RowSpool
 from schemas.recipe import Recipe
-from schemas.records import Composite, GradedTrajectory, Rejected
+from schemas.records import Composite, Contaminated, GradedTrajectory, Rejected
 
 if TYPE_CHECKING:
     from flows.publishing.parquet import PublishedDataset
@@ -28,7 +37,8 @@ DESCRIPTIONS = {
     ),
     "trajectories": (
         "Every graded teacher answer of the run, with tokens, requests, code executions and latency; "
-        "`grade_method` and `parse_status` say how the grade was decided, and `messages` makes each answer "
+        "`grade_method` and `parse_status` say how the grade was decided, `math_verify_correct` is math-verify's "
+        "verdict alone (where it differs, `distillery grade --audit` shows why), and `messages` makes each answer "
         "trainable alone (assistant `train_detail`: executor output and failed code blocks not trained)."
     ),
     "rejected": "Problems whose two answers were both wrong, kept with the grader's reasons; not training data.",
@@ -46,6 +56,7 @@ def _card_sections(recipe: Recipe, summary: RunSummary) -> dict[str, str]:
         "Wrong answers by reason": wrong_reasons_markdown(summary),
         "Sampling parameters": sampling,
         "Grader": f"`{summary.grader}`; sandbox for code: `{summary.sandbox}`.",
+        **({"Decontamination": contaminated_markdown(summary.contaminated)} if summary.contaminated else {}),
         "Recipe": f"```yaml\n{recipe_yaml}\n```",
     }
 
@@ -61,8 +72,10 @@ def row_spool(recipe: Recipe) -> RowSpool:
     return RowSpool(recipe.state_dir / "spool", DATASETS)
 
 
-def publish_outputs(recipe: Recipe, summary: RunSummary, spool: RowSpool) -> dict[str, PublishedDataset]:
-    """The three datasets from the run's spooled rows, in shard order, each with its card."""
+def publish_outputs(recipe: Recipe, summary: RunSummary, spool: RowSpool,
+                    contaminated: Sequence[Contaminated] = ()) -> dict[str, PublishedDataset]:
+    """The three datasets from the run's spooled rows, in shard order, each with its card; with
+    `decontaminate:`, `contaminated/` too (the problems set aside)."""
     # here, not at the top: `datasets` takes ~0.9 s to import, which would delay a run's first request
     from flows.publishing.parquet import DatasetCardInfo, features_for, publish_dataset
 
@@ -74,4 +87,29 @@ def publish_outputs(recipe: Recipe, summary: RunSummary, spool: RowSpool) -> dic
             tags=["distillery", "dualdistill", "synthetic", "math"],
         )
         published[name] = publish_dataset(recipe.work_dir / name, spool.rows(name), features_for(model), card)
+    if recipe.decontaminate is not None:
+        published["contaminated"] = publish_contaminated(recipe, recipe.work_dir / "contaminated", contaminated,
+                                                         summary.contaminated)
     return published
+
+
+CONTAMINATED_DESCRIPTION = (
+    "Problems set aside before any model call because they copy a benchmark item (the recipe's `decontaminate:`): "
+    "each with the benchmark, the item it matched (`benchmark_problem`, `benchmark_row`, `benchmark_id`), the "
+    "`method` that flagged it (`ngram`: a shared run of words after normalisation; `fuzzy`: rapidfuzz ratio of the "
+    "whole normalised texts), its `score` and what they share. Not training data."
+)
+
+
+def publish_contaminated(recipe: Recipe, folder: Path, rows: Sequence[Contaminated],
+                         counts: dict[str, int]) -> PublishedDataset:
+    """The problems a run set aside as benchmark copies, as a dataset with its card."""
+    from flows.publishing.parquet import DatasetCardInfo, features_for, publish_dataset
+
+    settings = yaml.safe_dump(json.loads(recipe.decontaminate.model_dump_json()), sort_keys=False).strip()
+    card = DatasetCardInfo(
+        title=f"{recipe.run_name} — contaminated", description=CONTAMINATED_DESCRIPTION,
+        sections={"Problems set aside": contaminated_markdown(counts), "Settings": f"```yaml\n{settings}\n```"},
+        tags=["distillery", "decontamination"],
+    )
+    return publish_dataset(folder, list(rows), features_for(Contaminated), card)

@@ -27,8 +27,10 @@ class TeacherSummary:
     tool_calls: int = 0
     tool_errors: int = 0
     truncated: int = 0  # answers cut off by max_tokens
+    empty_answers: int = 0  # well-formed answers with nothing to grade (empty, blank, a bare refusal)
     wrong_by_reason: dict[str, int] = field(default_factory=dict)  # truncated, tool_limit, no_answer, not_equivalent…
     graded_by: dict[str, int] = field(default_factory=dict)  # grade_method -> answers
+    disagree_with_math_verify: int = 0  # answers math-verify alone grades the other way
 
     @property
     def accuracy(self) -> float:
@@ -50,6 +52,7 @@ class RunSummary:
     sent_this_run: dict[str, int] = field(default_factory=dict)  # requests that reached an endpoint now
     # answers replayed from the journal although they were asked with another max_tokens
     reused_across_budget: dict[str, int] = field(default_factory=dict)
+    contaminated: dict[str, int] = field(default_factory=dict)  # benchmark -> problems set aside (`decontaminate:`)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -80,7 +83,9 @@ def summarise(
         s.tool_calls += t.tool_calls
         s.tool_errors += t.tool_errors
         s.truncated += int(t.finish_reason == "length")
+        s.empty_answers += int(not t.correct and t.grade_reason.startswith("empty_answer"))
         s.graded_by[t.grade_method] = s.graded_by.get(t.grade_method, 0) + 1
+        s.disagree_with_math_verify += int(t.math_verify_correct is not None and t.math_verify_correct != t.correct)
         if not t.correct:
             reason = t.grade_reason.split(":", 1)[0]
             s.wrong_by_reason[reason] = s.wrong_by_reason.get(reason, 0) + 1
@@ -114,11 +119,12 @@ def cases_markdown(summary: RunSummary) -> str:
 
 def teachers_markdown(summary: RunSummary) -> str:
     head = ("| teacher | model | answers | correct | accuracy | prompt tokens | completion tokens "
-            "| requests (replayed) | code runs (errors) | cut by max_tokens |\n|---|---|---|---|---|---|---|---|---|---|")
+            "| requests (replayed) | code runs (errors) | cut by max_tokens | empty answers |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|")
     rows = [
         f"| {role} | `{t.model}` | {t.answers} | {t.correct} | {t.accuracy:.1%} | {t.prompt_tokens} "
         f"| {t.completion_tokens} | {t.requests} ({t.replayed_requests}) | {t.tool_calls} ({t.tool_errors}) "
-        f"| {t.truncated} |"
+        f"| {t.truncated} | {t.empty_answers} |"
         for role, t in summary.teachers.items()
     ]
     return "\n".join([head, *rows])
@@ -135,7 +141,17 @@ def wrong_reasons_markdown(summary: RunSummary) -> str:
     methods = "; ".join(
         f"{role}: " + ", ".join(f"{m} {n}" for m, n in sorted(t.graded_by.items())) for role, t in summary.teachers.items()
     )
-    return "\n".join([head, *rows]) + f"\n\nDecided by (`grade_method`): {methods}."
+    disagreements = ", ".join(f"{role} {t.disagree_with_math_verify}" for role, t in summary.teachers.items())
+    return ("\n".join([head, *rows]) + f"\n\nDecided by (`grade_method`): {methods}.\n\n"
+            f"Graded the other way by math-verify alone: {disagreements} (`math_verify_correct` in "
+            "`trajectories/`; `distillery grade --audit` lists why).")
+
+
+def contaminated_markdown(counts: dict[str, int]) -> str:
+    """Problems set aside as copies of benchmark items, per benchmark (`contaminated/` lists them)."""
+    rows = "\n".join(f"| {name} | {count} |" for name, count in counts.items())
+    return ("Problems that copy a benchmark item were set aside before any model call and are listed, with the "
+            f"item they match, in `contaminated/`.\n\n| benchmark | problems set aside |\n|---|---|\n{rows}")
 
 
 def _sent(summary: RunSummary) -> str:
@@ -157,5 +173,6 @@ def summary_markdown(summary: RunSummary) -> str:
         f"## Stitching cases\n\n{cases_markdown(summary)}\n\n"
         f"## Teachers\n\n{teachers_markdown(summary)}\n\n"
         f"## Wrong answers by reason\n\n{wrong_reasons_markdown(summary)}\n\n"
+        + (f"## Decontamination\n\n{contaminated_markdown(summary.contaminated)}\n\n" if summary.contaminated else "")
         + (f"## Datasets\n\n{datasets}\n" if datasets else "")
     )
