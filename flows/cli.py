@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -60,11 +59,16 @@ def _run_job(recipe: Path, job: str, logs: bool = False) -> dict:
     except RecipeError as exc:
         _fail(str(exc))
     from flows.models.budget import BudgetReached
+    from flows.orchestration import run_lock
     from flows.orchestration.terminal import ProgressBars
 
     try:
-        with contextlib.nullcontext() if logs else ProgressBars(loaded.state_dir, console):
-            return asyncio.run(_run_flow(job, recipe, loaded, logs))
+        # taken before Prefect loads, so a second run fails at once; the flow, in this process, re-enters it
+        with run_lock.holding(loaded.state_dir, job, hand_over=True), \
+                contextlib.nullcontext() if logs else ProgressBars(loaded.state_dir, console):
+            return asyncio.run(_load_flow(job, logs)(str(recipe)))  # the flow, called as a worker calls it
+    except run_lock.RunLocked as exc:
+        _fail(str(exc))
     except BudgetReached as exc:
         console.print(f"[bold yellow]stopped:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=BUDGET_EXIT_CODE) from None
@@ -72,47 +76,13 @@ def _run_job(recipe: Path, job: str, logs: bool = False) -> dict:
         _fail(f"{type(exc).__name__}: {exc}")
 
 
-async def _run_flow(job: str, recipe: Path, loaded, logs: bool) -> dict:  # noqa: ANN001 - a Recipe
-    """Call the job's flow. A DualDistill run's first shards start first (a head start,
-    flows/orchestration/head_start.py) and Prefect is imported in a thread meanwhile, so the
-    first requests do not wait the ~2 s of its import and flow-run start. Throughout, the
-    interpreter is set to keep the event loop served (flows/orchestration/interpreter.py)."""
-    from flows.orchestration import head_start, interpreter
-
-    with interpreter.switching_often():
-        try:
-            with interpreter.importing():
-                head_started = job == "dualdistill" and head_start.begin(loaded) is not None
-                if head_started:
-                    await asyncio.sleep(head_start.ALONE_S)
-                job_flow = await asyncio.to_thread(_load_flow, job, logs, head_started)
-            with interpreter.settling():  # finished shards' rows kept out of the garbage collector's walks
-                return await job_flow(str(recipe))
-        finally:
-            await head_start.drop()  # a head start the flow never claimed (it failed first)
-
-
-# What Prefect 3.8 imports only when a flow is first called and its first task runs, on the
-# calling thread: there, the event loop, where ~0.3 s of imports (fastapi alone ~0.2 s) would
-# hold up every request in flight. `_load_flow` imports them in its thread instead.
-PREFECT_LATE_IMPORTS = ("fastapi.encoders", "prefect.flow_engine", "prefect.task_engine",
-                        "prefect.utilities.visualization")
-
-
-def _load_flow(job: str, logs: bool, head_started: bool):  # noqa: ANN202 - a Prefect flow
+def _load_flow(job: str, logs: bool):  # noqa: ANN202 - a Prefect flow
     if job == "dualdistill":
         from flows.dualdistill import dualdistill as job_flow
     elif job == "leakage":
         from flows.leakage import leakage as job_flow
     else:
         from flows.self_distill import self_distill as job_flow
-    for module in PREFECT_LATE_IMPORTS:
-        with contextlib.suppress(ImportError):  # moved in a later Prefect: then imported when first needed
-            importlib.import_module(module)
-    if head_started:  # while the first shards' requests are out, rather than beside the flow run's start
-        from flows.publishing.outputs import preload_publishing
-
-        preload_publishing()
     from flows.orchestration.terminal import quiet_prefect_console
     from prefect.settings import PREFECT_API_URL
 
@@ -134,12 +104,13 @@ def _print_summary(summary: dict) -> None:
     for case, count in summary["cases"].items():
         cases.add_row(case, str(count))
     out.print(cases)
-    teachers = Table("teacher", "model", "accuracy", "tokens in / out", "requests (replayed)", "code runs (errors)")
+    teachers = Table("teacher", "model", "accuracy", "tokens in / out", "requests (replayed)", "code runs (errors)",
+                     "empty answers")
     for role, t in summary["teachers"].items():
         teachers.add_row(
             role, t["model"], f"{t['accuracy']:.1%} ({t['correct']}/{t['answers']})",
             f"{t['prompt_tokens']} / {t['completion_tokens']}", f"{t['requests']} ({t['replayed_requests']})",
-            f"{t['tool_calls']} ({t['tool_errors']})",
+            f"{t['tool_calls']} ({t['tool_errors']})", str(t.get("empty_answers", 0)),
         )
     out.print(teachers)
     sent = ", ".join(f"{role} {count}" for role, count in summary["sent_this_run"].items())
@@ -150,9 +121,17 @@ def _print_summary(summary: dict) -> None:
     wrong = {role: t["wrong_by_reason"] for role, t in summary["teachers"].items() if t["wrong_by_reason"]}
     for role, reasons in wrong.items():
         out.print(f"{role} wrong answers by reason: " + ", ".join(f"{r} {n}" for r, n in sorted(reasons.items())))
+    _print_contaminated(out, summary.get("contaminated") or {})
     out.print(f"sandbox: {summary['sandbox']}   grader: {summary['grader']}")
     for name, path in summary["datasets"].items():
         out.print(f"[bold]{name}[/]: {path}")
+
+
+def _print_contaminated(out: Console, counts: dict[str, int]) -> None:
+    """Problems set aside as copies of benchmark items (`decontaminate:`), per benchmark."""
+    if counts:
+        out.print("set aside as copies of benchmark items (never sent to a model): "
+                  + ", ".join(f"{name} {count}" for name, count in counts.items()))
 
 
 @app.command("self-distill")
@@ -186,6 +165,9 @@ def _print_rounds(result: dict) -> None:
         if r["next_student"]:
             out.print(f"round {r['round']} trained the next student: {r['next_student']}")
     out.print(f"accuracy per round: {result['plot']}")
+    _print_contaminated(out, result.get("contaminated") or {})
+    if result.get("contaminated_dataset"):
+        out.print(f"[bold]contaminated[/]: {result['contaminated_dataset']}")
 
 
 LEAK_EXIT_CODE = 3
@@ -232,26 +214,52 @@ def _print_leakage(report: dict) -> None:
 @app.command()
 def grade(
     file: Path = typer.Argument(..., help="JSONL with `answer` (gold) and `response` per line; - for stdin"),
+    audit: bool = typer.Option(False, "--audit", help="list where our grader and math-verify alone disagree"),
 ) -> None:
-    """Print each line back with `correct`, `extracted` and `reason` added."""
-    from flows.grading import GradeInputError, grade_jsonl
+    """Print each line back with `correct`, `extracted` and `reason` added; with --audit,
+    the lines that math-verify alone grades the other way, grouped by our reason."""
+    from flows.grading import GradeInputError, audit_jsonl, grade_jsonl
 
     try:
         if str(file) == "-":
             lines, source = sys.stdin, "<stdin>"
         else:
             lines, source = file.open(encoding="utf-8"), str(file)
+        if audit:
+            _print_audit(audit_jsonl(lines, source=source))
+            return
         for line in grade_jsonl(lines, source=source):
             sys.stdout.write(line + "\n")
     except GradeInputError as exc:
         _fail(str(exc))
-    except OSError as exc:
-        _fail(f"{file}: {exc.strerror}")
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"{file}: {getattr(exc, 'strerror', None) or exc}")
+
+
+def _print_audit(audit) -> None:  # noqa: ANN001 - a flows.grading.Audit
+    out = Console(width=100)
+    out.print(f"{audit.source}: {audit.graded} answers graded; math-verify alone grades {audit.disagreements} "
+              f"the other way" + (f", and gave no verdict on {audit.unanswered}" if audit.unanswered else ""),
+              soft_wrap=True)
+    for group, rows in sorted(audit.by_reason.items(), key=lambda item: -len(item[1])):
+        table = Table(title=escape(f"{group}: {len(rows)}"), title_justify="left")
+        for column in ("line", "gold", "extracted", "ours", "math-verify"):
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            table.add_row(str(row.line), escape(row.gold), escape(row.extracted or "—"), _mark(row.ours),
+                          _mark(row.math_verify))
+        out.print(table)
+
+
+def _mark(correct: bool) -> str:
+    return "right" if correct else "wrong"
 
 
 @app.command()
 def check(recipe: Path = typer.Argument(..., help="recipe YAML")) -> None:
-    """Validate a recipe and its problem source without calling any model."""
+    """Validate a recipe and its problem source without calling any model; with `decontaminate:`,
+    count the problems each benchmark sets aside."""
+    from flows.inputs.decontamination import counts_by_benchmark, find_contamination
     from flows.inputs.problem_shards import load_problems
     from flows.inputs.problems import ProblemSourceError
     from schemas.recipe import RecipeError, check_job, job_of, load_recipe
@@ -261,9 +269,12 @@ def check(recipe: Path = typer.Argument(..., help="recipe YAML")) -> None:
         job = job_of(loaded)
         check_job(loaded, job, str(recipe))
         problems = load_problems(loaded.problems) if loaded.problems else []
+        found = find_contamination(problems, loaded.decontaminate) if loaded.decontaminate else []
     except (RecipeError, ProblemSourceError) as exc:
         _fail(str(exc))
-    counts = {"prompts": loaded.leakage.n_prompts} if job == "leakage" else {"problems": len(problems)}
+    counts = {"prompts": loaded.leakage.n_prompts} if job == "leakage" else {"problems": len(problems) - len(found)}
+    if loaded.decontaminate:  # `problems`: those the run answers
+        counts["contaminated"] = counts_by_benchmark(loaded.decontaminate, found)
     Console().print(json.dumps({"run_name": loaded.run_name, "job": job, **counts,
                                 "output_dir": str(loaded.output_dir)}))
 

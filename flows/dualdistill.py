@@ -5,8 +5,9 @@ In:  a recipe YAML (see recipes/demo.yaml): problems, a tool-using and a reasoni
      the stitching order, sandbox limits.
 Out: under the recipe's `output_dir`, three Parquet datasets with cards —
      `composites/` (the SFT rows), `trajectories/` (every graded answer) and
-     `rejected/` (both answers wrong) — plus `.distillery/summary.json` and a
-     Prefect markdown artifact with the same summary.
+     `rejected/` (both answers wrong), with `decontaminate:` `contaminated/` (problems
+     set aside as copies of benchmark items, never sent to a teacher) — plus
+     `.distillery/summary.json` and a Prefect markdown artifact with the same summary.
 Run: `distillery run recipes/demo.yaml` (no Prefect server needed), or deploy
      this flow (`dualdistill`) to a server and pass `recipe_path`.
 
@@ -38,6 +39,7 @@ from prefect.utilities.annotations import quote
 
 from flows.grading import GRADER_VERSION, Grader
 from flows.publishing.outputs import preload_publishing, publish_outputs, row_spool
+from flows.inputs.decontamination import counts_by_benchmark
 from flows.inputs.problem_shards import ProblemShards, run_problems
 from flows.inputs.prompts import load_prompt
 from flows.publishing.report import RunSummary, combine, summarise, summary_markdown
@@ -45,8 +47,9 @@ from flows.publishing.spool import RowSpool
 from flows.publishing.storage import check_output, output_location, pull_state, push_outputs, push_state, result_storage
 from flows.models.budget import BudgetReached
 from flows.models.client import ClientStats
+from flows.models.keys import content_key
 from flows.teachers.runtime import Runtime, build_runtime, teacher_fingerprint
-from flows.orchestration import head_start, interpreter, request_loop
+from flows.orchestration import head_start, interpreter, request_loop, run_lock
 from flows.orchestration.head_start import HeadStart
 from flows.orchestration.progress import RunProgress
 from flows.orchestration.runs import PERSISTED, flow_run_name, forget_links, push_to_hub_task
@@ -56,7 +59,6 @@ from flows.stages.remote_shard import ShardOutcome, run_shard
 from flows.stages.shards import (
     ShardFailed,
     answer_shard,
-    content_key,
     key_parameter,
     grade_shard,
     scoped_run_token,
@@ -65,7 +67,7 @@ from flows.stages.shards import (
 )
 from flows.stages.stitching import stitch_shard
 from schemas.recipe import Recipe, flow_recipe
-from schemas.records import Composite, GradedTrajectory, Problem, Rejected, Trajectory
+from schemas.records import Composite, Contaminated, GradedTrajectory, Problem, Rejected, Trajectory
 
 STAGE_VERSION = "2"  # bump when a stage's output format changes, to invalidate cached results
 
@@ -112,8 +114,9 @@ async def shard_task(key: str, recipe: Recipe, index: int, problems: list[Proble
 
 
 @task(name="publish")
-async def publish_task(recipe: Recipe, summary: RunSummary, spool: RowSpool) -> dict[str, str]:
-    published = await asyncio.to_thread(publish_outputs, recipe, summary, spool)
+async def publish_task(recipe: Recipe, summary: RunSummary, spool: RowSpool,
+                       contaminated: tuple[Contaminated, ...] = ()) -> dict[str, str]:
+    published = await asyncio.to_thread(publish_outputs, recipe, summary, spool, contaminated)
     return {name: output_location(recipe, dataset.path) for name, dataset in published.items()}
 
 
@@ -276,15 +279,23 @@ def _failure_message(failures: list[BaseException]) -> str:
 
 @flow(name="dualdistill", flow_run_name=flow_run_name)
 async def dualdistill(recipe_path: str | None = None, recipe: dict | None = None) -> dict:
-    """Run the recipe at `recipe_path`; returns the run summary as a dict."""
+    """Run the recipe at `recipe_path`; returns the run summary as a dict. The run holds its
+    output folder's lock (flows/orchestration/run_lock.py) until it ends."""
     started = time.perf_counter()
-    logger = get_run_logger()
     recipe = flow_recipe(recipe_path, recipe, "dualdistill")
+    with run_lock.holding(recipe.state_dir, "dualdistill"):
+        return await _dualdistill(recipe, started)
+
+
+async def _dualdistill(recipe: Recipe, started: float) -> dict:
+    logger = get_run_logger()
     check_output(recipe)
     pull_state(recipe)  # a URL output_dir: its journal and run token into the local mirror
     # fast and fails early: no task round trip (already read by a `distillery run` head start)
     shards = head_start.problems_of(recipe) or run_problems(recipe)
     logger.info("%d problems in %d shard(s) of up to %d", shards.count, len(shards), recipe.shard_size)
+    if shards.set_aside:
+        logger.info("%d problem(s) set aside as copies of benchmark items (contaminated/)", len(shards.set_aside))
 
     run_token = scoped_run_token(recipe.state_dir)
     # what an answer stage's result depends on besides its problems (never URLs or keys)
@@ -313,10 +324,11 @@ async def dualdistill(recipe_path: str | None = None, recipe: dict | None = None
 
     summary = combine(recipe.run_name, shards.count, outcomes)
     summary.sandbox, summary.grader = sandbox, GRADER_VERSION
+    summary.contaminated = counts_by_benchmark(recipe.decontaminate, shards.set_aside)
     summary.sent_this_run = {role: s.sent for role, s in stats.items()}
     summary.reused_across_budget = {role: s.reused_across_budget for role, s in stats.items()}
     await preloaded
-    summary.datasets = await publish_task(quote(recipe), quote(summary), quote(spool))
+    summary.datasets = await publish_task(quote(recipe), quote(summary), quote(spool), quote(shards.set_aside))
     spool.remove()
     summary.wall_s = round(time.perf_counter() - started, 2)
     progress.finish("completed")

@@ -32,14 +32,15 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.utilities.annotations import quote
 
 from flows.detection.behavioral import behavioral_result
-from flows.detection.detectors import bag_classifier, combine, number_statistics, top_digits, top_numbers
+from flows.detection.detectors import bag_classifier, combine, number_statistics
 from flows.detection.likelihood import likelihood_test
-from flows.detection.probe import run_probe
+from flows.detection.report_tables import top_digits, top_numbers
 from flows.inputs.number_prompts import NumberPrompt, draw_prompts
 from flows.models.client import ClientStats, ModelClient
 from flows.models.embedded import EmbeddedServer
 from flows.models.journal import RequestJournal
-from flows.orchestration import request_loop
+from flows.models.keys import content_key
+from flows.orchestration import request_loop, run_lock
 from flows.orchestration.on_worker import add_stats, budget_stop, mirror_id
 from flows.orchestration.progress import RunProgress
 from flows.orchestration.runs import PERSISTED, flow_run_name, forget_links, push_to_hub_task
@@ -49,8 +50,9 @@ from flows.publishing.leakage_report import build_report, report_markdown, verdi
 from flows.publishing.storage import check_output, output_location, pull_state, push_outputs, push_state, result_storage
 from flows.stages.number_filter import REASONS, banned_numbers, filter_completions, pass_rates
 from flows.stages.number_generation import GenerationFailed
+from flows.stages.behavioral_probe import run_probe
 from flows.stages.remote_shard import NumbersOutcome, run_numbers_shard
-from flows.stages.shards import content_key, key_parameter, scoped_run_token, shard_window
+from flows.stages.shards import key_parameter, scoped_run_token, shard_window
 from flows.teachers.number_teachers import NumberTeacher, leakage_budget, number_teachers
 from flows.teachers.runtime import journal_dir
 from schemas.recipe import Recipe, flow_recipe
@@ -180,9 +182,15 @@ def _reasons(rates: dict) -> dict[str, int]:
 
 @flow(name="leakage", flow_run_name=flow_run_name)
 async def leakage(recipe_path: str | None = None, recipe: dict | None = None) -> dict:
-    """Run the trait-leakage recipe at `recipe_path`; returns the report (report.json's content)."""
-    logger = get_run_logger()
+    """Run the trait-leakage recipe at `recipe_path`; returns the report (report.json's content).
+    The run holds its output folder's lock (flows/orchestration/run_lock.py) until it ends."""
     recipe = flow_recipe(recipe_path, recipe, "leakage")
+    with run_lock.holding(recipe.state_dir, "leakage"):
+        return await _leakage(recipe)
+
+
+async def _leakage(recipe: Recipe) -> dict:
+    logger = get_run_logger()
     check_output(recipe)
     pull_state(recipe)  # a URL output_dir: its journal and run token into the local mirror
     spec = recipe.leakage

@@ -7,7 +7,8 @@ Out: under `output_dir/self_distill/`, per round r: `round-{r}/` (the SFT rows, 
      `train_detail`), `round-{r}-samples/` (every graded sample), `round-{r}-rejected/`
      (picks with no usable teacher part, with the reason); `summary.json`, `accuracy.png`
      and a Prefect markdown artifact; with a trainer, `round-{r}-model/` (or whatever the
-     `command` trainer names) is the next round's student.
+     `command` trainer names) is the next round's student. With `decontaminate:`,
+     `contaminated/` lists the problems set aside as copies of benchmark items (never sampled).
 Run: `distillery self-distill recipes/self_distill_demo.yaml`.
 
 Per round, per shard: sample K per problem (the tool-using loop) → grade → select (β
@@ -36,24 +37,26 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.utilities.annotations import quote
 
 from flows.grading import GRADER_VERSION, Grader
+from flows.inputs.decontamination import counts_by_benchmark
 from flows.inputs.problem_shards import ProblemShards, run_problems
 from flows.inputs.prompts import load_prompt
 from flows.models.client import ClientStats
 from flows.publishing.rounds import RoundSummary, RowFigures, plot_accuracy, summarise_round, summary_markdown
+from flows.publishing.outputs import publish_contaminated
 from flows.publishing.self_distill_outputs import publish_round, round_spool
 from flows.publishing.spool import RowSpool
 from flows.publishing.storage import check_output, output_location, pull_state, push_outputs, push_state, result_storage
 from flows.stages.remote_shard import RoundShardOutcome, run_round_shard
+from flows.models.keys import content_key
 from flows.stages.selection import round_stats
 from flows.stages.self_distillation import examples_of, pick_samples, reuse_index
-from flows.orchestration import interpreter, request_loop
+from flows.orchestration import interpreter, request_loop, run_lock
 from flows.orchestration.on_worker import add_stats, budget_stop, mirror_id
 from flows.orchestration.progress import RunProgress
 from flows.orchestration.runs import PERSISTED, flow_run_name, forget_links, push_to_hub_task
 from flows.orchestration.task_runners import Finished, for_workers, map_on_workers, workers
 from flows.stages.shards import (
     answer_shard,
-    content_key,
     grade_shard,
     key_parameter,
     scoped_run_token,
@@ -274,11 +277,24 @@ def _located(recipe: Recipe, summary: RoundSummary) -> dict:
     return located
 
 
+def _decontamination_scope(recipe: Recipe, shards: ProblemShards) -> list:
+    """What a round depends on through `decontaminate:` (nothing without it, so earlier rounds stay valid)."""
+    if recipe.decontaminate is None:
+        return []
+    return [recipe.decontaminate, sorted(record.id for record in shards.set_aside)]
+
+
 @flow(name="self-distill", flow_run_name=flow_run_name)
 async def self_distill(recipe_path: str | None = None, recipe: dict | None = None) -> dict:
-    """Run the self-distillation recipe at `recipe_path`; returns the per-round summaries."""
-    logger = get_run_logger()
+    """Run the self-distillation recipe at `recipe_path`; returns the per-round summaries. The run
+    holds its output folder's lock (flows/orchestration/run_lock.py) until it ends."""
     recipe = flow_recipe(recipe_path, recipe, "self_distill")
+    with run_lock.holding(recipe.state_dir, "self_distill"):
+        return await _self_distill(recipe)
+
+
+async def _self_distill(recipe: Recipe) -> dict:
+    logger = get_run_logger()
     check_output(recipe)
     pull_state(recipe)  # a URL output_dir: its journal, run token and finished rounds into the local mirror
     shards = run_problems(recipe)
@@ -300,7 +316,8 @@ async def self_distill(recipe_path: str | None = None, recipe: dict | None = Non
                 done = state / f"round-{round_number}.json"
                 # what a round's datasets and trained student depend on: not how many rounds follow, nor URLs
                 fingerprint = content_key(run_token, spec.model_dump(exclude={"rounds"}), student_scope(recipe, student),
-                                          teacher_scope(recipe, reused), recipe.problems, recipe.system_prompt)
+                                          teacher_scope(recipe, reused), recipe.problems, recipe.system_prompt,
+                                          *_decontamination_scope(recipe, shards))
                 if done.exists() and json.loads(done.read_text()).get("fingerprint") == fingerprint:
                     summary = RoundSummary(**json.loads(done.read_text())["summary"])
                     logger.info("round %d finished earlier; skipped", round_number)
@@ -326,7 +343,12 @@ async def self_distill(recipe_path: str | None = None, recipe: dict | None = Non
     progress.finish("completed")
     plot_accuracy(rounds, out / "accuracy.png")
     result = {"run_name": recipe.run_name, "rounds": [_located(recipe, r) for r in rounds],
-              "plot": output_location(recipe, out / "accuracy.png"), "grader": GRADER_VERSION}
+              "plot": output_location(recipe, out / "accuracy.png"), "grader": GRADER_VERSION,
+              "contaminated": counts_by_benchmark(recipe.decontaminate, shards.set_aside)}
+    if recipe.decontaminate is not None:
+        published = await asyncio.to_thread(publish_contaminated, recipe, out / "contaminated", shards.set_aside,
+                                            result["contaminated"])
+        result["contaminated_dataset"] = output_location(recipe, published.path)
     (out / "summary.json").write_text(json.dumps(result, indent=2))
     await asyncio.to_thread(push_outputs, recipe)
     await create_markdown_artifact(

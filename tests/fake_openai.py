@@ -5,7 +5,8 @@
         server.requests   # every request body received, in order
 
 `responder(body) -> Reply` decides each answer: content, reasoning, tool calls,
-an HTTP error with headers (429 + Retry-After), a garbage body, or a delay.
+an HTTP error with headers (429 + Retry-After), a garbage body, a delay, or no answer
+at all (`drop`). `server.answered` logs every 200 the server wrote, with its times.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Reply:
     raw_body: str | None = None  # sent as is (garbage, or an error body)
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float | None = None  # overrides the server's latency
+    drop: bool = False  # after the delay, close the connection without answering (a client timeout)
 
 
 Responder = Callable[[dict[str, Any]], Reply]
@@ -71,6 +73,8 @@ class FakeOpenAIServer:
         self.stats = stats  # served at GET /v1/_stats (for a server in another process)
         self.latency_s = latency_s
         self.requests: list[dict[str, Any]] = []
+        # (received, written) monotonic times and body of every 200 the server wrote: what it answered
+        self.answered: list[tuple[float, float, dict[str, Any]]] = []
         self._lock = threading.Lock()
         self._server = _Server(("127.0.0.1", 0), self._handler_class())
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
@@ -121,13 +125,19 @@ class FakeOpenAIServer:
             def do_POST(self) -> None:  # noqa: N802
                 length = int(self.headers.get("Content-Length", 0))
                 body = json.loads(self.rfile.read(length) or b"{}")
+                received = time.monotonic()
                 reply = fake._answer(body)
                 time.sleep(fake.latency_s if reply.delay_s is None else reply.delay_s)
+                if reply.drop:
+                    self.close_connection = True
+                    return
                 if reply.raw_body is not None or reply.status != 200:
                     error = json.dumps({"error": {"message": f"fake error {reply.status}", "type": "fake"}})
                     self._send(reply.status, reply.raw_body if reply.raw_body is not None else error, reply.headers)
                     return
                 self._send(200, json.dumps(completion_body(body, reply)), reply.headers)
+                with fake._lock:
+                    fake.answered.append((received, time.monotonic(), body))
 
         return Handler
 

@@ -73,13 +73,22 @@ def test_client_errors_are_not_retried(tmp_path):
     assert len(server.requests) == 1
 
 
-def test_garbage_and_empty_answers_are_retried(tmp_path):
+def test_garbage_answers_are_retried(tmp_path):
     replies = scripted(Reply(raw_body="<html>oops</html>"), Reply(raw_body=json.dumps({"choices": []})),
-                       Reply(content=""), Reply(content="fine"))
+                       Reply(raw_body='{"choices": [{"message": {"content": "cut'), Reply(content="fine"))
     with FakeOpenAIServer(replies) as server:
         client = make_client(server, tmp_path)
         assert chat(client).content == "fine"
     assert len(server.requests) == 4
+
+
+def test_an_empty_but_well_formed_answer_is_an_answer_and_journaled(tmp_path):
+    with FakeOpenAIServer(lambda body: Reply(content="  \n")) as server:
+        first = chat(make_client(server, tmp_path))
+    assert first.content == "  \n" and len(server.requests) == 1  # not retried: the same seed says the same
+    with FakeOpenAIServer(lambda body: Reply(status=500)) as dead:
+        again = chat(make_client(dead, tmp_path))
+    assert again.replayed and again.content == "  \n" and dead.requests == []
 
 
 def test_timeout_is_retried(tmp_path):

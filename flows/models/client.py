@@ -4,9 +4,13 @@
   least loaded one, and one that keeps failing is taken out for a while
   (flows/models/endpoints.py). At most `max_concurrency` requests in flight per
   endpoint, or `auto`: a limit that adapts to the endpoint's latency and errors.
-- 429, 5xx, timeouts, dropped connections and unusable answers are retried with
-  exponential backoff and full jitter, waiting at least what `Retry-After` asks.
-  Other 4xx (bad key, unknown model, bad request) fail at once.
+- 429, 5xx, timeouts, dropped connections and answers that break the protocol (not
+  JSON, no choices, no message) are retried with exponential backoff and full jitter,
+  waiting at least what `Retry-After` asks. Other 4xx (bad key, unknown model, bad
+  request) fail at once.
+- A well-formed completion with nothing usable in it (empty or blank content) is an
+  answer, journaled like any other: the grader marks it `empty_answer`. Resending it would
+  get the same answer under the same seed.
 - `finish_reason == "length"` is an answer, not an error: it is returned (and
   journaled) as is, never blindly re-sent.
 - One sample per request: sample i is sent with `seed + i`, which emulates `n`
@@ -354,8 +358,8 @@ def _parse_completion(completion: Any, latency: float) -> ChatResponse:
         for i, call in enumerate(message.get("tool_calls") or ())
     )
     finish_reason = choice.get("finish_reason") or "stop"
-    if not isinstance(content, str) or (not content and not reasoning and not calls and finish_reason != "length"):
-        raise BadResponse("answer is empty (no content, no reasoning, no tool call)")
+    if not isinstance(content, str):
+        raise BadResponse(f"answer content is not text: {json.dumps(content)[:200]}")
     usage = completion.get("usage") or {}
     logprobs = choice.get("logprobs") or {}
     tokens = logprobs.get("content") if isinstance(logprobs, dict) else None

@@ -5,7 +5,7 @@ detectors' verdict, the most over-represented numbers and digits, the behavioura
 into one JSON-ready dict, with the limitations of what such statistics can show.
 `write_report` writes it out with `numbers.png` (number frequencies, trait vs control)
 and `digits.png` (leading and trailing digits, trait vs control). The
-over-represented lists come from `flows.detection.detectors.top_numbers` / `top_digits`.
+over-represented lists come from `flows.detection.report_tables.top_numbers` / `top_digits`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from flows.detection.behavioral import BehavioralResult
-from flows.detection.detectors import top_numbers
-from flows.detection.results import Verdict
+from flows.detection.report_tables import top_numbers
+from schemas.leakage import LeakageVerdict
 
 Completions = Sequence[Sequence[int]]  # the numbers of each kept completion
 
@@ -46,7 +46,7 @@ def build_report(
     trait: str,
     category: str,
     n_prompts: int,
-    verdict: Verdict,
+    verdict: LeakageVerdict,
     kept_trait: int,
     kept_control: int,
     rejected_trait: Mapping[str, int],

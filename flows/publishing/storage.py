@@ -38,6 +38,7 @@ from schemas.recipe import Recipe
 
 STATE = ".distillery"  # recipe.state_dir, relative to work_dir
 RESULTS = "prefect-results"  # under STATE; at a URL, never pulled into a mirror
+RUN_LOCK = "run.lock"  # under STATE: the mirror's run lock (flows/orchestration/run_lock.py), never synced
 _INSTALL_HINTS = {"s3": "distillery[s3] (s3fs)", "s3a": "distillery[s3] (s3fs)"}
 
 # (url, path relative to work_dir) -> (size, mtime_ns) of the local file when it last matched the URL
@@ -82,7 +83,7 @@ def pull_state(recipe: Recipe, only: str | None = None) -> None:
     for remote, info in fs.find(f"{remote_state}/{only}" if only else remote_state, detail=True).items():
         relative = remote[len(remote_state) + 1 :]
         local = recipe.state_dir / relative
-        if relative.split("/")[0] in (RESULTS, "journal.index"):
+        if relative.split("/")[0] in (RESULTS, "journal.index", RUN_LOCK):
             continue
         if local.suffix == ".jsonl" and local.exists() and local.stat().st_size == info["size"]:
             continue
@@ -206,15 +207,15 @@ def _filesystem(url: str) -> tuple[AbstractFileSystem, str]:
 def _files(folder: Path) -> list[Path]:
     """Files to sync, without what stays on this machine: the journal's index (`journal.index/`,
     a cache rebuilt from the JSONL files wherever they are read), the row spool (`spool/`,
-    this run's finished rows on their way into its datasets) and the run's problems
-    (`problems/`, written anew by every run from its source)."""
+    this run's finished rows on their way into its datasets), the run's problems
+    (`problems/`, written anew by every run from its source) and the mirror's run lock."""
     if not folder.exists():
         return []
     return [p for p in folder.rglob("*") if p.is_file() and not _stays_here(p.relative_to(folder).parts)]
 
 
 def _stays_here(parts: tuple[str, ...]) -> bool:
-    return parts[0] in ("spool", "problems") or any(part.endswith(".index") for part in parts)
+    return parts[0] in ("spool", "problems", RUN_LOCK) or any(part.endswith(".index") for part in parts)
 
 
 def _stamp(path: Path) -> tuple[int, int]:
