@@ -10,9 +10,10 @@ Out: under `output_dir/leakage/`: `numbers/` (every completion of both teachers)
 Run: `distillery leakage recipes/leakage_demo.yaml` (exit code 3 on a leak with
      `fail_on_leak: true`).
 
-Stages: the same seeded prompts go to both teachers (journaled requests, answered on the
-request loop, flows/orchestration/request_loop.py, so a rerun sends only what is missing;
-shards on a Dask or Ray cluster with `execution:`, see flows/orchestration/task_runners.py)
+Stages: the same seeded prompts go to both teachers (journaled requests, so a rerun sends
+only what is missing; shards on a Dask or Ray cluster with `execution:`, see
+flows/orchestration/task_runners.py; each shard is the number teacher's `complete` wherever
+it runs)
 → filter → statistical detectors (number statistics, bag classifier, likelihood shift where
 the teacher's weights are local) → optional behavioural probe → one verdict after a Holm
 correction → report.
@@ -40,8 +41,8 @@ from flows.models.client import ClientStats, ModelClient
 from flows.models.embedded import EmbeddedServer
 from flows.models.journal import RequestJournal
 from flows.models.keys import content_key
-from flows.orchestration import request_loop, run_lock
-from flows.orchestration.on_worker import add_stats, budget_stop, mirror_id
+from flows.orchestration import run_lock
+from flows.orchestration.on_worker import NumbersOutcome, add_stats, budget_stop, mirror_id, numbers_shard
 from flows.orchestration.progress import RunProgress
 from flows.orchestration.runs import PERSISTED, flow_run_name, forget_links, push_to_hub_task
 from flows.orchestration.task_runners import Finished, for_workers, map_on_workers, workers
@@ -49,9 +50,8 @@ from flows.publishing.leakage_outputs import publish_completions
 from flows.publishing.leakage_report import build_report, report_markdown, verdict_line, write_report
 from flows.publishing.storage import check_output, output_location, pull_state, push_outputs, push_state, result_storage
 from flows.stages.number_filter import REASONS, banned_numbers, filter_completions, pass_rates
-from flows.stages.number_generation import GenerationFailed
+from flows.stages.number_generation import GenerationFailed, complete_shard
 from flows.stages.behavioral_probe import run_probe
-from flows.stages.remote_shard import NumbersOutcome, run_numbers_shard
 from flows.stages.shards import key_parameter, scoped_run_token, shard_window
 from flows.teachers.number_teachers import NumberTeacher, leakage_budget, number_teachers
 from flows.teachers.runtime import journal_dir
@@ -61,15 +61,14 @@ from schemas.recipe import Recipe, flow_recipe
 @task(name="number-completions", cache_key_fn=key_parameter, **PERSISTED, retry_delay_seconds=5)
 async def completions_task(key: str, teacher: NumberTeacher, client: ModelClient, prompts: list[NumberPrompt],
                            shard: str, progress: RunProgress) -> list[dict]:
-    return await request_loop.run(
-        teacher.complete(client, prompts, shard, on_done=progress.ticker(f"numbers[{teacher.name}]", shard)))
+    return await complete_shard(teacher, client, prompts, shard, on_done=progress.ticker(f"numbers[{teacher.name}]", shard))
 
 
 @task(name="number-shard", cache_key_fn=key_parameter, persist_result=True, retry_delay_seconds=5)
 async def numbers_shard_task(key: str, recipe: Recipe, teacher: str, prompts: list[NumberPrompt], shard: str,
                              flow_mirror: str) -> NumbersOutcome:
     """A shard of one teacher's completions on a Dask or Ray worker, with a client of its own."""
-    return await run_numbers_shard(recipe, teacher, prompts, shard, flow_mirror)
+    return await numbers_shard(recipe, teacher, prompts, shard, flow_mirror)
 
 
 @task(name="behavioral-probe", cache_policy=NO_CACHE)  # the probe keeps its own students and journal
@@ -121,7 +120,7 @@ async def _generate_here(recipe: Recipe, journal: RequestJournal, servers: list[
         results = await asyncio.gather(*runs, return_exceptions=True)
     finally:
         for client in clients:
-            await request_loop.run(client.aclose())
+            await client.aclose()
         await progress.publish(force=True)
         await asyncio.to_thread(push_state, recipe)  # a URL output_dir: the completions reach other machines
     if budget is not None and budget.stopped:

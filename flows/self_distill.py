@@ -13,13 +13,12 @@ Run: `distillery self-distill recipes/self_distill_demo.yaml`.
 
 Per round, per shard: sample K per problem (the tool-using loop) → grade → select (β
 rules) → teacher part (generate or reuse) → examples; then publish, summarise, train.
-Every request is journaled and stages are cached by content, so a rerun sends only what
-is missing; a finished round (its datasets and its trained student) is not redone. The
-student and teachers answer on the request loop (flows/orchestration/request_loop.py).
-
-With `execution: {task_runner: dask | ray}` each shard of a round runs whole on a worker
-(flows/stages/remote_shard.py: its own student, teachers and sandbox), cached by content;
-training stays in the flow's process, between rounds.
+A shard's pipeline is flows/stages/self_distillation.py (`sample_select_complete`), the same
+code wherever the shard runs: on this process's event loop with the flow's student and
+teachers, or, with `execution: {task_runner: dask | ray}`, on a worker with its own
+(flows/orchestration/on_worker.py). Every request is journaled and each shard is cached by
+content, so a rerun sends only what is missing; a finished round (its datasets and its
+trained student) is not redone. Training stays in the flow's process, between rounds.
 """
 
 from __future__ import annotations
@@ -36,33 +35,25 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.utilities.annotations import quote
 
-from flows.grading import GRADER_VERSION, Grader
+from flows.grading import GRADER_VERSION
 from flows.inputs.decontamination import counts_by_benchmark
 from flows.inputs.problem_shards import ProblemShards, run_problems
 from flows.inputs.prompts import load_prompt
 from flows.models.client import ClientStats
-from flows.publishing.rounds import RoundSummary, RowFigures, plot_accuracy, summarise_round, summary_markdown
+from flows.models.keys import content_key
+from flows.orchestration import run_lock
+from flows.orchestration.on_worker import add_stats, budget_stop, mirror_id, round_shard
+from flows.orchestration.progress import RunProgress
+from flows.orchestration.runs import flow_run_name, forget_links, push_to_hub_task
+from flows.orchestration.task_runners import Finished, for_workers, map_here, map_on_workers, workers
 from flows.publishing.outputs import publish_contaminated
+from flows.publishing.rounds import RoundSummary, RowFigures, plot_accuracy, summarise_round, summary_markdown
 from flows.publishing.self_distill_outputs import publish_round, round_spool
 from flows.publishing.spool import RowSpool
 from flows.publishing.storage import check_output, output_location, pull_state, push_outputs, push_state, result_storage
-from flows.stages.remote_shard import RoundShardOutcome, run_round_shard
-from flows.models.keys import content_key
 from flows.stages.selection import round_stats
-from flows.stages.self_distillation import examples_of, pick_samples, reuse_index
-from flows.orchestration import interpreter, request_loop, run_lock
-from flows.orchestration.on_worker import add_stats, budget_stop, mirror_id
-from flows.orchestration.progress import RunProgress
-from flows.orchestration.runs import PERSISTED, flow_run_name, forget_links, push_to_hub_task
-from flows.orchestration.task_runners import Finished, for_workers, map_on_workers, workers
-from flows.stages.shards import (
-    answer_shard,
-    grade_shard,
-    key_parameter,
-    scoped_run_token,
-    shard_name,
-    shards_at_once,
-)
+from flows.stages.self_distillation import RoundShardOutcome, reuse_index
+from flows.stages.shards import key_parameter, scoped_run_token, shard_name, shards_at_once
 from flows.teachers.students import (
     StudentRuntime,
     build_student_runtime,
@@ -73,26 +64,9 @@ from flows.teachers.students import (
 )
 from flows.training.trainers import make_trainer
 from schemas.recipe import Recipe, StudentSpec, flow_recipe
-from schemas.records import GradedTrajectory, Problem
+from schemas.records import Problem
 
 STAGE_VERSION = "1"
-
-
-@task(name="sample-shard", cache_key_fn=key_parameter, **PERSISTED, retries=1, retry_delay_seconds=5)
-async def sample_task(key: str, runtime: StudentRuntime, shard: str, problems: list[Problem], k: int,
-                      progress: RunProgress, stage: str):
-    return await request_loop.run(answer_shard(runtime.student, problems, shard, runtime.slots(), samples=k,
-                                               on_done=progress.ticker(stage, shard)))
-
-
-@task(name="grade-samples", cache_key_fn=key_parameter, **PERSISTED)
-async def grade_task(key: str, grader: Grader, samples, problems: list[Problem], system_prompt: str | None):
-    return await asyncio.to_thread(grade_shard, samples, problems, grader, system_prompt)
-
-
-@task(name="teacher-part", cache_key_fn=key_parameter, **PERSISTED, retries=1, retry_delay_seconds=5)
-async def teacher_part_task(key: str, runtime: StudentRuntime, grader: Grader, shard: str, needed, problems):
-    return await request_loop.run(runtime.teacher_parts(needed, problems, grader, shard))
 
 
 @task(name="train-student")
@@ -103,56 +77,15 @@ def train_task(recipe: Recipe, round_number: int, dataset: str, student: str) ->
     return trainer.train(dataset=Path(dataset), round=round_number, student=student, output=output, log=logger.info)
 
 
-@task(name="round-shard", cache_key_fn=key_parameter, persist_result=True, retry_delay_seconds=5)
+@task(name="round-shard", task_run_name="round-{round_number}-shard-{index:05d}", cache_key_fn=key_parameter,
+      persist_result=True, retry_delay_seconds=5)
 async def round_shard_task(key: str, recipe: Recipe, student: StudentSpec, reused, round_number: int, index: int,
-                           problems: list[Problem], flow_mirror: str) -> RoundShardOutcome:
-    """A whole shard of a round on a Dask or Ray worker: its own student and teachers."""
-    return await run_round_shard(recipe, student, reused, round_number, index, problems, flow_mirror)
-
-
-def _shard_keys(recipe: Recipe, scope: str, problems: list[Problem]) -> tuple[str, str]:
-    """Content keys of a shard's sample and grade stages (the teacher part's adds what it needs)."""
-    sample_key = content_key(scope, "sample", content_key(*problems))
-    return sample_key, content_key(sample_key, "grade", GRADER_VERSION, recipe.system_prompt)
-
-
-async def _shard(recipe: Recipe, runtime: StudentRuntime, grader: Grader, progress: RunProgress, scope: str,
-                 spool: RowSpool, window: asyncio.Semaphore, opened: asyncio.Semaphore, index: int,
-                 shards: ProblemShards, round_number: int) -> RoundShardOutcome:
-    """One shard of a round read, sampled, graded, given its teacher parts and stitched; its rows
-    go to the spool. At most `opened` shards at once hold their problems and rows in memory."""
-    async with opened:
-        return await _shard_in_memory(recipe, runtime, grader, progress, scope, spool, window, index,
-                                      shards.read(index), round_number)
-
-
-async def _shard_in_memory(recipe: Recipe, runtime: StudentRuntime, grader: Grader, progress: RunProgress,
-                           scope: str, spool: RowSpool, window: asyncio.Semaphore, index: int,
-                           problems: list[Problem], round_number: int) -> RoundShardOutcome:
-    spec = recipe.self_distill
-    shard = f"r{round_number}-{shard_name(index)}"
-    storage = result_storage(recipe)  # the output's .distillery/prefect-results, beside the journal
-    sample, grade, teacher_part = (stage.with_options(result_storage=storage)
-                                   for stage in (sample_task, grade_task, teacher_part_task))
-    sample_key, grade_key = _shard_keys(recipe, scope, problems)
-    async with window:
-        samples = await sample(sample_key, quote(runtime), shard, quote(problems), spec.k, quote(progress),
-                               f"sample[r{round_number}]")
-    progress.shard_done(f"sample[r{round_number}]", shard, len(samples))
-    graded: list[GradedTrajectory] = await grade(grade_key, quote(grader), quote(samples), quote(problems),
-                                                 recipe.system_prompt)
-    picked = pick_samples(graded, spec)
-    part_key = content_key(grade_key, "teacher-part", spec.teacher_part, picked.needed, runtime.teacher_scope)
-    parts = await teacher_part(part_key, quote(runtime), quote(grader), shard, picked.needed, quote(problems))
-    progress.shard_done(f"grade + teacher part[r{round_number}]", shard, len(problems), worked=True)
-    await progress.publish()
-    await asyncio.to_thread(push_state, recipe)  # a URL output_dir: this shard's answers reach other machines
-    examples, rejected = examples_of(picked, parts, problems, spec, round_number, recipe.system_prompt)
-    outcome = RoundShardOutcome(graded, picked.stats, examples, rejected, runtime.student.client.stats)
-    await asyncio.to_thread(_spool_rows, spool, index, outcome)
-    forget_links(samples, graded, parts)
-    interpreter.settle()
-    return outcome
+                           problems: list[Problem], flow_mirror: str, runtime: StudentRuntime | None = None,
+                           progress: RunProgress | None = None) -> RoundShardOutcome:
+    """A shard of a round sampled, graded, picked, given its teacher parts and stitched: on the
+    flow's student `runtime`, or, on a Dask or Ray worker (no runtime), with one of its own."""
+    on_sample = progress.ticker(f"sample[r{round_number}]", f"r{round_number}-{shard_name(index)}") if progress else None
+    return await round_shard(recipe, student, reused, round_number, index, problems, runtime, flow_mirror, on_sample)
 
 
 def _spool_rows(spool: RowSpool, index: int, outcome: RoundShardOutcome) -> None:
@@ -162,73 +95,62 @@ def _spool_rows(spool: RowSpool, index: int, outcome: RoundShardOutcome) -> None
     outcome.graded, outcome.examples, outcome.rejected = [], [], []
 
 
-async def _shards_here(recipe: Recipe, student: StudentSpec, reused, grader: Grader, progress: RunProgress,
-                       scope: str, spool: RowSpool, shards: ProblemShards, round_number: int
-                       ) -> tuple[list, ClientStats]:
-    """Every shard of the round in this process's event loop, over one student runtime."""
-    runtime = build_student_runtime(recipe, student, reused)
-    progress.stage(f"sample[r{round_number}]", shards.count * recipe.self_distill.k, "samples",
-                   runtime.student.client.stats)
-    progress.stage(f"grade + teacher part[r{round_number}]", shards.count, "problems")
-    at_once = shards_at_once(runtime.samples_in_flight(), recipe.shard_size * recipe.self_distill.k)
-    window, opened = asyncio.Semaphore(at_once), asyncio.Semaphore(2 * at_once)
-    try:
-        outcomes = await asyncio.gather(
-            *(_shard(recipe, runtime, grader, progress, scope, spool, window, opened, i, shards, round_number)
-              for i in range(len(shards))),
-            return_exceptions=True,
-        )
-    finally:
-        await request_loop.run(runtime.aclose())
-    if runtime.budget is not None and runtime.budget.stopped:
-        raise runtime.budget.stop()
-    return outcomes, runtime.student.client.stats
-
-
-async def _shards_on_workers(runner, recipe: Recipe, student: StudentSpec, reused, progress: RunProgress,
-                             scope: str, spool: RowSpool, shards: ProblemShards, round_number: int
-                             ) -> tuple[list, ClientStats]:
-    """One `round_shard_task` per shard on the recipe's Dask or Ray cluster, each with the
-    reused teacher parts of its own problems only."""
-    stats = ClientStats()
+async def _round_shards(runner, recipe: Recipe, student: StudentSpec, reused, progress: RunProgress,  # noqa: ANN001
+                        scope: str, spool: RowSpool, shards: ProblemShards, round_number: int
+                        ) -> tuple[list, ClientStats]:
+    """Every shard of the round through `round_shard_task`: on this process's event loop over
+    one student runtime (`runner` None), or on the recipe's Dask or Ray cluster, each shard
+    there with the reused teacher parts of its own problems only."""
+    runtime = build_student_runtime(recipe, student, reused) if runner is None else None
+    stats = runtime.student.client.stats if runtime is not None else ClientStats()
     sampled, finished_stage = f"sample[r{round_number}]", f"grade + teacher part[r{round_number}]"
     progress.stage(sampled, shards.count * recipe.self_distill.k, "samples", stats)
     progress.stage(finished_stage, shards.count, "problems")
-    on_worker = round_shard_task.with_options(retries=recipe.shard_retries, result_storage=result_storage(recipe))
+    task_ = round_shard_task.with_options(retries=recipe.shard_retries, result_storage=result_storage(recipe))
     teachers = teacher_scope(recipe, reused)
     transitions = load_prompt(recipe.self_distill.transitions).digest
 
-    async def count(done: Finished) -> None:
+    async def finished(done: Finished) -> None:
         if done.failed:
             return
         name = f"r{round_number}-{shard_name(done.index)}"
         progress.shard_done(sampled, name, len(done.value.graded), worked=not done.cached)
         progress.shard_done(finished_stage, name, shards.size(done.index), worked=not done.cached)
-        if not done.cached:
+        if runtime is None and not done.cached:  # a worker's own student: its figures are this shard's
             add_stats(stats, done.value.sampled)
         await asyncio.to_thread(_spool_rows, spool, done.index, done.value)
-        interpreter.settle()
+        forget_links(done.value)
         await progress.publish()
-        await asyncio.to_thread(push_state, recipe)
+        await asyncio.to_thread(push_state, recipe)  # a URL output_dir: this shard's answers reach other machines
 
-    shared, mirror, reachable = for_workers(recipe), mirror_id(recipe), _reachable(student)
+    shared = recipe if runner is None else for_workers(recipe)
+    reachable, mirror = _reachable(student), mirror_id(recipe)
 
     def calls() -> Iterator[dict]:  # each shard read as it is submitted
         for i, problems in enumerate(map(shards.read, range(len(shards)))):
             ids = {p.id for p in problems}
             own = None if reused is None else {part: answer for part, answer in reused.items() if part[0] in ids}
-            _, grade_key = _shard_keys(recipe, scope, problems)
-            # the whole shard's result: selection, teacher parts and examples (stitched with the transitions) too
-            key = content_key("round-shard", grade_key, recipe.self_distill, teachers, transitions)
-            yield {"key": key, "recipe": shared, "student": reachable, "reused": own,
-                   "round_number": round_number, "index": i, "problems": problems, "flow_mirror": mirror}
+            # the whole shard's result: samples, grades, selection, teacher parts and examples
+            key = content_key("round-shard", scope, content_key(*problems), GRADER_VERSION, recipe.system_prompt,
+                              recipe.self_distill, teachers, transitions)
+            yield {"key": key, "recipe": shared, "student": reachable, "reused": own, "round_number": round_number,
+                   "index": i, "problems": problems, "flow_mirror": mirror, "runtime": runtime,
+                   "progress": progress if runtime is not None else None}
 
     try:
-        outcomes = await map_on_workers(runner, on_worker, calls(), count)
+        if runner is None:
+            at_once = shards_at_once(runtime.samples_in_flight(), recipe.shard_size * recipe.self_distill.k)
+            outcomes = await map_here(task_, calls(), at_once, finished)
+        else:
+            outcomes = await map_on_workers(runner, task_, calls(), finished)
     finally:
+        if runtime is not None:
+            await runtime.aclose()
         await asyncio.to_thread(push_state, recipe)
     if (stopped := budget_stop(outcomes)) is not None:
         raise stopped
+    if runtime is not None and runtime.budget is not None and runtime.budget.stopped:
+        raise runtime.budget.stop()
     return outcomes, stats
 
 
@@ -240,19 +162,15 @@ def _reachable(student: StudentSpec) -> StudentSpec:
     return student
 
 
-async def _round(recipe: Recipe, runner, student: StudentSpec, reused, grader: Grader, progress: RunProgress,
+async def _round(recipe: Recipe, runner, student: StudentSpec, reused, progress: RunProgress,
                  shards: ProblemShards, round_number: int, run_token: str) -> RoundSummary:
     started = time.perf_counter()
     scope = content_key("self-distill", STAGE_VERSION, run_token, round_number, student_scope(recipe, student),
                         recipe.self_distill.k)
     spool = round_spool(recipe, round_number)
     spool.clear()
-    if runner is None:
-        outcomes, stats = await _shards_here(recipe, student, reused, grader, progress, scope, spool, shards,
-                                             round_number)
-    else:
-        outcomes, stats = await _shards_on_workers(runner, recipe, student, reused, progress, scope, spool, shards,
-                                                   round_number)
+    outcomes, stats = await _round_shards(runner, recipe, student, reused, progress, scope, spool, shards,
+                                          round_number)
     failures = [o for o in outcomes if isinstance(o, BaseException)]
     await progress.publish(force=True)
     if failures:
@@ -308,7 +226,6 @@ async def _self_distill(recipe: Recipe) -> dict:
     reused = reuse_index(spec.reuse_from) if spec.teacher_part == "reuse" else None
     student: StudentSpec = recipe.student
     rounds: list[RoundSummary] = []
-    grader = Grader(workers=1)
     progress = RunProgress(recipe.state_dir, recipe.run_name, "self_distill")
     try:
         async with workers(recipe.execution) as runner:  # None: this process's event loop
@@ -322,7 +239,7 @@ async def _self_distill(recipe: Recipe) -> dict:
                     summary = RoundSummary(**json.loads(done.read_text())["summary"])
                     logger.info("round %d finished earlier; skipped", round_number)
                 else:
-                    summary = await _round(recipe, runner, student, reused, grader, progress, shards, round_number,
+                    summary = await _round(recipe, runner, student, reused, progress, shards, round_number,
                                            run_token)
                     if spec.trainer.kind != "none":
                         summary.next_student = train_task(quote(recipe), round_number, summary.datasets["examples"],
@@ -338,7 +255,6 @@ async def _self_distill(recipe: Recipe) -> dict:
         progress.failed(error)
         raise
     finally:
-        grader.close()
         await asyncio.to_thread(push_state, recipe)
     progress.finish("completed")
     plot_accuracy(rounds, out / "accuracy.png")

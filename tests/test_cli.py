@@ -1,16 +1,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 from typer.testing import CliRunner
 
 from flows.cli import app
 
 runner = CliRunner()
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_grade_adds_verdicts_and_keeps_fields(tmp_path):
@@ -67,24 +63,3 @@ def test_run_against_a_dead_endpoint_exits_1_naming_stage_and_endpoint(tmp_path,
     assert "http://127.0.0.1:9/v1" in error and "connection failed" in error
 
 
-def test_loading_a_flow_also_imports_what_prefect_would_import_at_its_first_call():
-    """Else Prefect imports them on the event loop's thread, holding up every request in flight
-    (~0.3 s); in a fresh interpreter, as `distillery run` loads the flow. Behind a head start,
-    the Parquet writer's `datasets` too, before the flow run starts rather than beside it."""
-    probe = ("import sys; from flows.cli import PREFECT_LATE_IMPORTS, _load_flow; "
-             "before = [m for m in PREFECT_LATE_IMPORTS if m in sys.modules]; "
-             "_load_flow('dualdistill', True, head_started=True); "
-             "print(before, [m for m in PREFECT_LATE_IMPORTS if m not in sys.modules], 'datasets' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == "[] [] True"  # none loaded before, every one after
-
-
-def test_the_head_start_imports_neither_prefect_nor_datasets():
-    """Its requests go out while Prefect (~1.4 s) and `datasets` (~0.9 s) load in a thread;
-    either imported on its own path would come first."""
-    probe = ("import sys, flows.cli, flows.orchestration.head_start; "
-             "print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'datasets'}))")
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == "[]"

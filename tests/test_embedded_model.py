@@ -61,5 +61,14 @@ def test_flow_on_the_embedded_model(tmp_path, prefect_harness):
     assert any("<code>" in t and "<executor>" in t for t in tool_texts), tool_texts  # it really wrote code
     assert summary["teachers"]["tool"]["model"] == EMBEDDED_MODEL_NAME
     # a rerun is answered from the cache/journal without starting the model server
-    again = asyncio.run(dualdistill(str(path)))
+    from flows.models.embedded import EmbeddedServer
+
+    started = []
+    real_start = EmbeddedServer._start
+    EmbeddedServer._start = lambda server: started.append(server) or real_start(server)
+    try:
+        again = asyncio.run(dualdistill(str(path)))
+    finally:
+        EmbeddedServer._start = real_start
     assert again["cases"] == summary["cases"]
+    assert started == [] and again["sent_this_run"] == {"tool": 0, "reasoning": 0}

@@ -149,7 +149,7 @@ def test_resume_after_the_server_dies_resends_nothing_answered(tmp_path):
     assert again["sent_this_run"] == {"tool": 0, "reasoning": 0}
     # the cached stages are the run's files, not in Prefect's default storage (~/.prefect/storage)
     ours = {path.name for path in (tmp_path / "out" / ".distillery" / "prefect-results").iterdir()}
-    assert len(ours) >= 4 * 4  # 4 shards x (2 answers, grade, stitch), and the first run's failures
+    assert len(ours) >= 4  # a result per shard task, and the first run's failures
     assert not ours & prefect_default_results()
 
 

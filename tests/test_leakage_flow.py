@@ -163,7 +163,15 @@ def test_likelihood_shift_and_behavioral_probe_on_the_embedded_weights(tmp_path)
         report = asyncio.run(leakage(str(recipe)))
         students = tmp_path / "out" / "leakage" / "students"
         trained_at = (students / "trait" / "model.safetensors").stat().st_mtime_ns
-        again = asyncio.run(leakage(str(recipe)))
+        import flows.models.transformers_backend as backend
+
+        generated = []
+        real_generate = backend.generate
+        backend.generate = lambda *args, **kw: generated.append(args) or real_generate(*args, **kw)
+        try:
+            again = asyncio.run(leakage(str(recipe)))
+        finally:
+            backend.generate = real_generate
         assert len(server.requests) == 120
 
     shift = {t["name"]: t for t in report["tests"]}["likelihood_shift"]
@@ -176,3 +184,4 @@ def test_likelihood_shift_and_behavioral_probe_on_the_embedded_weights(tmp_path)
     # the rerun keeps both students and asks them nothing new (answers come from the journal)
     assert (students / "trait" / "model.safetensors").stat().st_mtime_ns == trained_at
     assert again["behavioral"] == behavioral and again["tests"] == report["tests"]
+    assert generated == []  # no student generated anything: every answer came from the journal

@@ -149,12 +149,12 @@ def test_a_flow_on_a_held_folder_fails_before_any_request(tmp_path):
 
 
 def test_a_worker_shard_writes_under_the_flows_lock_and_takes_none(tmp_path):
-    """What a Dask or Ray worker runs (`run_shard`) works while the flow, here another
+    """What a Dask or Ray worker runs (`dualdistill_shard` with no runtime) works while the flow, here another
     process, holds the folder's lock: a worker never tries to take it."""
     import asyncio
 
     from flows.inputs.problem_shards import load_problems
-    from flows.stages.remote_shard import run_shard
+    from flows.orchestration.on_worker import dualdistill_shard as run_shard
     from schemas.recipe import load_recipe
 
     rows = write_problems(tmp_path / "problems.jsonl", per_kind=1)

@@ -290,22 +290,6 @@ async def _send_with_other_temperature(server, journal_dir):
         await client.aclose()
 
 
-def test_journals_keyed_with_max_tokens_still_replay(tmp_path):
-    journal = RequestJournal(tmp_path / "j")
-    messages = [{"role": "user", "content": "hi"}]
-    legacy_key = request_key("chat", {"model": "m", "messages": messages, "params": PARAMS, "extra": {},
-                                      "tools": None, "sample": 0})
-    journal.record("s", legacy_key, {"content": "old", "finish_reason": "stop", "reasoning_content": None,
-                                     "tool_calls": [], "prompt_tokens": 1, "completion_tokens": 1, "latency_s": 0.1})
-    journal.close()  # as an earlier run left it
-
-    async def go():
-        client = ModelClient(model="m", base_url="http://127.0.0.1:9/v1", journal=RequestJournal(tmp_path / "j"))
-        return await client.chat(messages, PARAMS)
-
-    assert asyncio.run(go()).content == "old"
-
-
 def test_raising_max_tool_calls_resends_only_from_the_limit(tmp_path):
     responder, _ = scripted_blocks("tags")
     with FakeOpenAIServer(responder) as server:

@@ -46,9 +46,9 @@ def _read_row(line: str, source: str, number: int) -> dict[str, Any]:
         raise GradeInputError(f"{where}: not valid JSON ({error.msg})") from None
     if not isinstance(row, dict):
         raise GradeInputError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    for field in ("answer", "response"):
-        if field not in row:
-            raise GradeInputError(f"{where}: missing field {field!r}")
+    for name in ("answer", "response"):
+        if name not in row:
+            raise GradeInputError(f"{where}: missing field {name!r}")
     if not isinstance(row["answer"], str) or not row["answer"].strip():
         raise GradeInputError(f"{where}: field 'answer' must be a non-empty string")
     if not isinstance(row["response"], str):

@@ -210,33 +210,17 @@ class ModelClient:
             self.stats.reused_across_budget += int(cached.get("max_tokens") != max_tokens)
             self.stats.answers_latency_s += cached.get("latency_s") or 0.0
             return ChatResponse.from_journal(cached)
-        if cached is None and (legacy := self._journaled_with_max_tokens(messages, params, tools, sample)):
-            self.stats.replayed += 1
-            return ChatResponse.from_journal(legacy)
         if self.budget is not None:
             self.budget.admit()  # raises BudgetReached: nothing more is sent
         response = await self._fetch_answer(key, shard, messages, params, tools)
-        try:
-            # The slot this answer freed went to a waiting request, whose task runs only after
-            # every callback queued before it: let it go out before this answer's bookkeeping.
-            await asyncio.sleep(0)
-        finally:  # journaled even when the run is being cancelled: the answer was paid for
-            self.journal.record(shard, key, {**response.to_journal(), "max_tokens": max_tokens})
-            if self.budget is not None:
-                self.budget.spend(response.prompt_tokens, response.completion_tokens, self.price)
-            self.stats.sent += 1
-            self.stats.answers_latency_s += response.latency_s
-            self.stats.prompt_tokens += response.prompt_tokens
-            self.stats.completion_tokens += response.completion_tokens
+        self.journal.record(shard, key, {**response.to_journal(), "max_tokens": max_tokens})
+        if self.budget is not None:
+            self.budget.spend(response.prompt_tokens, response.completion_tokens, self.price)
+        self.stats.sent += 1
+        self.stats.answers_latency_s += response.latency_s
+        self.stats.prompt_tokens += response.prompt_tokens
+        self.stats.completion_tokens += response.completion_tokens
         return response
-
-    def _journaled_with_max_tokens(self, messages: list[dict[str, Any]], params: dict[str, Any],
-                                   tools: list[dict[str, Any]] | None, sample: int) -> dict[str, Any] | None:
-        """The answer under the key of journals written before max_tokens left it."""
-        if self.journal.opened_empty:  # lines in that format can only come from an earlier run
-            return None
-        keyed = {"model": self.model, "messages": messages, "extra": self.extra_body, "tools": tools, "sample": sample}
-        return self.journal.get(request_key("chat", {**keyed, "params": params}))
 
     async def _connect(self) -> EndpointPool:
         if self._pool is not None:

@@ -61,7 +61,6 @@ CACHED_VALUES = 2048  # values of the latest gets and records kept in memory
 OPEN_FOR_APPEND = 256  # shard files held open for appending at once
 
 _MAGIC = b"DJIDX002"
-_MAGIC_WITHOUT_USAGE = b"DJIDX001"  # the first index files: no usage after the header
 # magic, bytes covered, entries, digests of the first and last bytes covered and of what follows
 _HEADER = struct.Struct("<8sQQ16s16s16s")
 _USAGE = struct.Struct("<QQQ")  # after the header: answers, prompt tokens, completion tokens
@@ -180,15 +179,15 @@ class Usage:
 
 def usage_by_shard(directory: Path) -> dict[str, Usage]:
     """The `Usage` of each journal file, by shard name: what its index file says of the bytes
-    it still covers, and the rest read (the whole file without a trusted index, or with one
-    from before the usage was in it). Needs no open journal and writes nothing."""
+    it still covers, and the rest read (the whole file without a trusted index). Needs no
+    open journal and writes nothing."""
     directory = Path(directory)
     usage: dict[str, Usage] = {}
     names = sorted(name for name in os.listdir(directory) if name.endswith(".jsonl")) if directory.is_dir() else []
     for name in names:
         shard, path = name[: -len(".jsonl")], os.path.join(directory, name)
         indexed = _read_index_file(os.path.join(index_directory(directory), f"{shard}.idx"), path)
-        if indexed is None or indexed.usage is None:
+        if indexed is None:
             usage[shard] = _add_usage(path, 0, Usage())
         else:
             usage[shard] = _add_usage(path, indexed.covered, indexed.usage)
@@ -214,7 +213,7 @@ def _add_usage(path: str, position: int, usage: Usage, stop: int | None = None) 
 class _IndexFile:
     covered: int  # the bytes of the JSONL file it describes
     entries: np.ndarray  # of _ENTRY
-    usage: Usage | None  # None in index files from before the usage was in them
+    usage: Usage  # the usage of the lines it covers
 
 
 def _read_index_file(path: str, journal_path: str) -> _IndexFile | None:
@@ -225,15 +224,15 @@ def _read_index_file(path: str, journal_path: str) -> _IndexFile | None:
         magic, covered, count, head, tail, digest = _HEADER.unpack_from(data)
     except (OSError, struct.error):
         return None
-    start = _HEADER.size + (_USAGE.size if magic == _MAGIC else 0)
-    if (magic not in (_MAGIC, _MAGIC_WITHOUT_USAGE) or len(data) - start != count * _ENTRY.itemsize
+    start = _HEADER.size + _USAGE.size
+    if (magic != _MAGIC or len(data) - start != count * _ENTRY.itemsize
             or _digest(memoryview(data)[_HEADER.size :]) != digest):
         log.warning("%s: damaged index file, the shard is read again", path)
         return None
     if _probe(journal_path, covered) != (head, tail):
         log.info("%s changed since its index was written (replaced or cut): read again", journal_path)
         return None
-    usage = Usage(*_USAGE.unpack_from(data, _HEADER.size)) if magic == _MAGIC else None
+    usage = Usage(*_USAGE.unpack_from(data, _HEADER.size))
     return _IndexFile(covered, np.frombuffer(data, _ENTRY, count, start), usage)
 
 
@@ -290,8 +289,6 @@ class RequestJournal:
         self._index_writable = True
         self._lock = threading.RLock()  # shards may record from worker threads
         self._load()
-        # nothing written before this process opened it: no line in the old formats either
-        self.opened_empty = self._hashes.size == 0
 
     # -- the API -------------------------------------------------------------------
 

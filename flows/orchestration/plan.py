@@ -142,6 +142,7 @@ async def _pilot_self_distill(recipe: Recipe, problems) -> dict[str, PerAnswer |
 
 async def _pilot_leakage(recipe: Recipe, prompts) -> dict[str, PerAnswer | None]:
     from flows.models.journal import RequestJournal
+    from flows.stages.number_generation import complete_shard
     from flows.teachers.number_teachers import number_teachers
     from flows.teachers.runtime import journal_dir
 
@@ -150,7 +151,7 @@ async def _pilot_leakage(recipe: Recipe, prompts) -> dict[str, PerAnswer | None]
         for teacher in number_teachers(recipe):
             client: ModelClient = teacher.client(journal, servers)
             try:
-                rows = await teacher.complete(client, prompts, f"{teacher.name}-pilot")
+                rows = await complete_shard(teacher, client, prompts, f"{teacher.name}-pilot")
             finally:
                 await client.aclose()
             measured[teacher.name] = _per_answer(rows, client.stats, len(rows))

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import socket
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -94,27 +93,22 @@ class RunProgress:
         self.stages: dict[str, Stage] = {}
         self.state = "running"
         self._written = 0.0
-        self._lock = threading.RLock()  # tickers are called on the request loop's thread too
-        self._writing = threading.Lock()
-        self._snapshots = self._on_disk = 0
+        # every call comes from the flow's event loop: no lock
 
     def stage(self, name: str, total: int, unit: str, stats: ClientStats | None = None) -> None:
-        with self._lock:
-            self.stages[name] = Stage(name, unit, total, stats)
-            self.write(force=True)
+        self.stages[name] = Stage(name, unit, total, stats)
+        self.write(force=True)
 
     def ticker(self, stage: str, shard: str) -> Callable[[], None]:
         """A callable for one finished unit of `shard`; counting restarts at 0, so a retried
         shard does not count its units twice."""
         current = self.stages[stage]
-        with self._lock:
-            current.done_by_shard[shard] = 0
+        current.done_by_shard[shard] = 0
 
         def tick() -> None:
-            with self._lock:
-                current.done_by_shard[shard] += 1
-                current.worked += 1
-                self.write()
+            current.done_by_shard[shard] += 1
+            current.worked += 1
+            self.write()
 
         return tick
 
@@ -122,16 +116,14 @@ class RunProgress:
         """`units` of `shard` are done. `worked`: for a stage with no ticker (grading), they were
         done now, so they count in the stage's rate and ETA."""
         current = self.stages[stage]
-        with self._lock:
-            if worked:
-                current.worked += units - current.done_by_shard.get(shard, 0)
-            current.done_by_shard[shard] = units
-            self.write()
+        if worked:
+            current.worked += units - current.done_by_shard.get(shard, 0)
+        current.done_by_shard[shard] = units
+        self.write()
 
     def finish(self, state: str) -> None:
-        with self._lock:
-            self.state = state
-            self.write(force=True)
+        self.state = state
+        self.write(force=True)
 
     def failed(self, error: BaseException) -> None:
         """The run ends on `error`: stopped by its budget (a cap of `budget:`), or failed."""
@@ -139,8 +131,7 @@ class RunProgress:
 
     def snapshot(self) -> dict[str, Any]:
         now = time.time()
-        with self._lock:
-            stages = [stage.figures(now) for stage in self.stages.values()]
+        stages = [stage.figures(now) for stage in self.stages.values()]
         return {
             "run_name": self.run_name, "job": self.job, "state": self.state, "pid": os.getpid(),
             "host": socket.gethostname(), "started": round(self.started, 3), "updated": round(now, 3),
@@ -148,22 +139,14 @@ class RunProgress:
         }
 
     def write(self, force: bool = False) -> None:
-        with self._lock:
-            now = time.monotonic()
-            if not force and now - self._written < WRITE_EVERY_S:
-                return
-            self._written = now
-            self._snapshots += 1
-            number, text = self._snapshots, json.dumps(self.snapshot(), indent=1)
-        # written outside `_lock`: a tick that only counts never waits for another thread's disk write
-        with self._writing:
-            if number < self._on_disk:
-                return  # a later snapshot is already there
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = self.path.with_suffix(f".tmp-{os.getpid()}")
-            temporary.write_text(text)
-            os.replace(temporary, self.path)  # a reader never sees half a file
-            self._on_disk = number
+        now = time.monotonic()
+        if not force and now - self._written < WRITE_EVERY_S:
+            return
+        self._written = now
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_suffix(f".tmp-{os.getpid()}")
+        temporary.write_text(json.dumps(self.snapshot(), indent=1))
+        os.replace(temporary, self.path)  # a reader never sees half a file
 
     async def publish(self, force: bool = False) -> None:
         """Create or update each stage's Prefect progress artifact (at most every 2 s a stage)."""
@@ -174,8 +157,7 @@ class RunProgress:
             if not force and now - stage.artifact_at < ARTIFACT_EVERY_S:
                 continue
             stage.artifact_at = now
-            with self._lock:
-                figures = stage.figures(now)
+            figures = stage.figures(now)
             percent = 100.0 * figures["done"] / figures["total"] if figures["total"] else 100.0
             description = f"{self.run_name} — {stage.name}: {describe(figures)}"
             if stage.artifact_id is None:

@@ -14,11 +14,10 @@ from the file's JSON body) and what to do.
   names another host with a fresh heartbeat is refused (a shared folder whose locks do not
   reach across machines); with a heartbeat older than `STALE_AFTER_S` it is taken over.
 - Within one process the lock is taken once: `distillery run` takes it with `hand_over`
-  before its head start sends anything (flows/orchestration/head_start.py), and the flow it
-  then calls re-enters it. Any other second taker in the process is refused like another
-  process would be.
-- Dask and Ray workers never take it: they run shards (flows/stages/remote_shard.py) under
-  the flow's lock, never a flow.
+  before Prefect loads (a second run fails at once), and the flow it then calls re-enters
+  it. Any other second taker in the process is refused like another process would be.
+- Dask and Ray workers never take it: they run shards (flows/orchestration/on_worker.py)
+  under the flow's lock, never a flow.
 - A URL `output_dir` is locked in its local mirror (`recipe.state_dir`): runs on one machine
   are kept apart, runs on two machines writing one bucket are not (README, "One run per
   output folder").

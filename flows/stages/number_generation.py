@@ -15,9 +15,7 @@ from typing import Any
 from flows.inputs.number_prompts import NumberPrompt
 from flows.models.budget import BudgetReached
 from flows.models.client import ModelClient, ModelRequestError
-
-TEACHERS = ("trait", "control")
-
+from flows.teachers.number_teachers import NumberTeacher
 
 class GenerationFailed(RuntimeError):
     """Some prompts got no completion after the client's retries; what did come back is journaled."""
@@ -80,3 +78,10 @@ async def complete_prompts(
     if failed:
         raise GenerationFailed(failed, len(rows))
     return rows
+
+
+async def complete_shard(teacher: NumberTeacher, client: ModelClient, prompts: Sequence[NumberPrompt], shard: str,
+                         on_done: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+    """One shard of `teacher`'s completions: the leakage job's pipeline for a shard, wherever it runs."""
+    return await complete_prompts(client, prompts, teacher=teacher.name, system=teacher.system, params=teacher.params,
+                                  shard=shard, few_shot=teacher.few_shot, on_done=on_done)

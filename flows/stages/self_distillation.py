@@ -14,16 +14,21 @@ DualDistill run's `trajectories/`, as the reference code does).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import polars as pl
 
+from flows.grading import Grader
 from flows.inputs.prompts import PromptFile, load_prompt
+from flows.models.client import ClientStats
 from flows.stages.selection import problem_stats, select
+from flows.stages.shards import answer_shard, grade_shard, shard_name
 from flows.stages.stitching import stitch_pair
-from schemas.recipe import SelfDistillSpec
+from schemas.recipe import Recipe, SelfDistillSpec
 from schemas.records import (
     Composite,
     GradedTrajectory,
@@ -32,6 +37,10 @@ from schemas.records import (
     SelfDistillRejected,
     TeacherRole,
 )
+
+if TYPE_CHECKING:
+    from flows.publishing.rounds import RowFigures
+    from flows.teachers.students import StudentRuntime
 
 TeacherKey = tuple[str, TeacherRole]  # (problem id, strategy)
 
@@ -151,3 +160,52 @@ def build_examples(
             mask_until=stitched.mask_until, student_model=sample.model, teacher_model=part.model,
         ))
     return examples, rejected
+
+
+@dataclass
+class RoundShardOutcome:
+    graded: list[GradedTrajectory]  # every graded sample
+    stats: pl.DataFrame  # per problem (selection.problem_stats)
+    examples: list[SelfDistillExample]
+    rejected: list[SelfDistillRejected]
+    sampled: ClientStats  # the student's request figures when the shard ended
+    rows: RowFigures | None = None  # once the rows above are spooled (and emptied): what the summary needs of them
+
+
+async def sample_select_complete(
+    recipe: Recipe, runtime: StudentRuntime, grader: Grader, round_number: int, index: int, problems: list[Problem],
+    on_sample: Callable[[], None] | None = None,
+) -> RoundShardOutcome:
+    """One shard of a round, start to end, the one copy of the job's pipeline: the student
+    samples K per problem, the samples are graded and picked (β rules), the picks get their
+    teacher parts (generated or reused), and the examples are stitched. `on_sample` is called
+    as each sample finishes (progress)."""
+    spec = recipe.self_distill
+    shard = f"r{round_number}-{shard_name(index)}"
+    samples = await answer_shard(runtime.student, problems, shard, runtime.slots(), samples=spec.k, on_done=on_sample)
+    graded = await asyncio.to_thread(grade_shard, samples, problems, grader, recipe.system_prompt)
+    picked = pick_samples(graded, spec)
+    parts = await teacher_parts(runtime, picked.needed, problems, grader, shard)
+    examples, rejected = examples_of(picked, parts, problems, spec, round_number, recipe.system_prompt)
+    return RoundShardOutcome(graded, picked.stats, examples, rejected, runtime.student.client.stats)
+
+
+async def teacher_parts(
+    runtime: StudentRuntime, needed: Sequence[TeacherKey], problems: Sequence[Problem], grader: Grader, shard: str
+) -> dict[TeacherKey, GradedTrajectory | str]:
+    """A correct solution per needed (problem, strategy) — reused, or answered now by the
+    runtime's teacher of that strategy and graded — or the reason there is none."""
+    if runtime.reused is not None:
+        return {key: runtime.reused.get(key, f"no correct {key[1]} trajectory of {key[0]} to reuse") for key in needed}
+    by_id = {p.id: p for p in problems}
+    parts: dict[TeacherKey, GradedTrajectory | str] = {}
+    for role in ("tool", "reasoning"):
+        wanted = [by_id[problem_id] for problem_id, strategy in needed if strategy == role]
+        if not wanted:
+            continue
+        answers = await answer_shard(runtime.teachers[role], wanted, shard)
+        graded = await asyncio.to_thread(grade_shard, answers, wanted, grader)
+        for answer in graded:
+            parts[(answer.problem_id, role)] = answer if answer.correct else (
+                f"the {role} teacher's solution was wrong: {answer.grade_reason}")
+    return parts

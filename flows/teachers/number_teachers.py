@@ -8,7 +8,7 @@ journaled client.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +18,11 @@ from flows.models.client import ModelClient
 from flows.models.embedded import EmbeddedServer
 from flows.models.journal import RequestJournal
 from flows.models.keys import content_key
-from flows.stages.number_generation import TEACHERS, complete_prompts
 from flows.teachers.runtime import journal_dir, model_client, model_name, sampling_params
 from schemas.recipe import LeakageTeacherSpec, Recipe
+
+
+TEACHERS = ("trait", "control")
 
 
 @dataclass(frozen=True)
@@ -38,11 +40,6 @@ class NumberTeacher:
         """A client on `journal`; an embedded teacher's llama.cpp server is appended to
         `servers` (the caller stops them)."""
         return model_client(self.spec, journal, servers, budget)
-
-    async def complete(self, client: ModelClient, prompts: Sequence[NumberPrompt], shard: str,
-                       on_done: Callable[[], None] | None = None) -> list[dict[str, Any]]:
-        return await complete_prompts(client, prompts, teacher=self.name, system=self.system, params=self.params,
-                                      shard=shard, few_shot=self.few_shot, on_done=on_done)
 
     def shard_key(self, run_token: str, prompts: Sequence[NumberPrompt]) -> str:
         """What a shard's completions depend on: never the endpoint's URL or key."""

@@ -15,19 +15,17 @@ are the same whatever produces the tokens.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from flows.execution.sandbox import Sandbox, make_sandbox
-from flows.grading import Grader
 from flows.inputs.prompts import load_prompt
 from flows.models.budget import Budget, effective_price, run_budget
 from flows.models.client import ModelClient
 from flows.models.embedded import EMBEDDED_MODEL_NAME, EmbeddedServer, embedded_gguf_path
 from flows.models.journal import RequestJournal
 from flows.models.keys import fingerprint
-from flows.stages.shards import answer_shard, grade_shard
 from flows.teachers.reasoning import ReasoningTeacher
 from flows.teachers.runtime import (
     build_teachers,
@@ -40,7 +38,7 @@ from flows.teachers.runtime import (
 )
 from flows.teachers.tool import ToolTeacher
 from schemas.recipe import Recipe, StudentSpec
-from schemas.records import GradedTrajectory, Problem
+from schemas.records import GradedTrajectory
 
 STUDENT_PROMPT = "tool_teacher"
 
@@ -140,26 +138,6 @@ class StudentRuntime:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.samples_in_flight())
         return self._slots
-
-    async def teacher_parts(
-        self, needed: Sequence[tuple[str, str]], problems: Sequence[Problem], grader: Grader, shard: str
-    ) -> dict[tuple[str, str], GradedTrajectory | str]:
-        """A correct solution per needed (problem, strategy), or the reason there is none."""
-        if self.reused is not None:
-            return {key: self.reused.get(key, f"no correct {key[1]} trajectory of {key[0]} to reuse")
-                    for key in needed}
-        by_id = {p.id: p for p in problems}
-        parts: dict[tuple[str, str], GradedTrajectory | str] = {}
-        for role in ("tool", "reasoning"):
-            wanted = [by_id[problem_id] for problem_id, strategy in needed if strategy == role]
-            if not wanted:
-                continue
-            answers = await answer_shard(self.teachers[role], wanted, shard)
-            graded = await asyncio.to_thread(grade_shard, answers, wanted, grader)
-            for answer in graded:
-                parts[(answer.problem_id, role)] = answer if answer.correct else (
-                    f"the {role} teacher's solution was wrong: {answer.grade_reason}")
-        return parts
 
     async def aclose(self) -> None:
         await self.student.client.aclose()
