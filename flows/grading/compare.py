@@ -93,17 +93,11 @@ def _prepare(response: str, gold: str) -> Verdict | _Check:
     if not expected:
         return _wrong(extracted, "invalid_gold: empty after normalisation")
     if how in _FROM_BOXES and len(_BOX_OPENINGS.findall(response)) > 1:
-        boxes = boxed_answers(response)
-        values = list(dict.fromkeys(normalise(box) for box in boxes))
-        if len(values) > 1:
-            wanted, members = len(parts(expected)), _SET.fullmatch(expected)
-            if members and len(parts(members.group(1))) == len(values):  # a set's members, boxed one by one
-                extracted, answer = ", ".join(boxes), "\\{" + ", ".join(values) + "\\}"
-            elif len(values) != wanted:
-                return _wrong(", ".join(boxes), f"hedge: {len(values)} different boxed answers "
-                              f"({_short(' | '.join(values))}) for a gold of {wanted} part(s)")
-            else:
-                extracted, answer = ", ".join(boxes), ", ".join(values)
+        several = _several_boxes(response, expected)
+        if isinstance(several, Verdict):
+            return several
+        if several is not None:
+            extracted, answer = several
     answer, expected = _joined(answer), _joined(expected)
     answer, expected = _values_of_assignments(answer, expected)
     if answer == expected:
@@ -113,21 +107,8 @@ def _prepare(response: str, gold: str) -> Verdict | _Check:
             return _right(extracted, f"equal_as_text: {form}", "normalised_string")
         detail = f"{_short(answer)} vs {_short(expected)} (compared as text: {form})"
         return _wrong(extracted, f"not_equivalent: {detail}")
-    exact_answer, exact_gold = as_rational(answer), as_rational(expected)
-    if exact_answer and exact_gold:
-        (answer_value, answer_decimal), (gold_value, gold_decimal) = exact_answer, exact_gold
-        if answer_value == gold_value:
-            return _right(extracted, "equivalent: exact_rational", "exact", parse_status="both")
-        if _PERCENT.search(extracted) and not _PERCENT.search(gold) and answer_value / 100 == gold_value:
-            return _right(extracted, "equivalent: exact_rational (a percentage of the gold's value)", "exact",
-                          parse_status="both")  # 28% for a gold of 7/25; 28% for 28 is equal above
-        detail = f"{_short(answer)} vs {_short(expected)}"
-        if answer_decimal != gold_decimal:  # a decimal against an exact value: the digits rule
-            decimal, exact = (answer, gold_value) if answer_decimal else (expected, answer_value)
-            if decimal_matches(decimal, exact):
-                return _right(extracted, f"equivalent: {_DECIMAL_RULE}", "decimal", parse_status="both")
-            return _wrong(extracted, f"not_equivalent: {detail} ({_DECIMAL_RULE})", "decimal", parse_status="both")
-        return _wrong(extracted, f"not_equivalent: {detail}", "exact", parse_status="both")
+    if (decided := _as_rationals(extracted, answer, expected, gold)) is not None:
+        return decided
     if max(len(answer), len(expected)) > _MAX_SYMBOLIC_CHARS:
         detail = f"{_short(answer)} vs {_short(expected)} (too long to compare symbolically)"
         return _wrong(extracted, f"not_equivalent: {detail}")
@@ -139,6 +120,43 @@ _PERCENT = re.compile(r"%|\\percent(?![A-Za-z])")
 _SET = re.compile(r"\\?\{(.*)\\?\}")
 _BOX_OPENINGS = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _DECIMAL_RULE = f"a decimal equals an exact value to its last digit, given {MIN_SIGNIFICANT_DIGITS}+ significant digits"
+
+
+def _several_boxes(response: str, expected: str) -> Verdict | tuple[str, str] | None:
+    """Several boxed values where the answer is read: (extracted, normalised answer) joined
+    when the gold has as many parts (or is a set of as many members), a `hedge` otherwise;
+    None when the boxes hold one value."""
+    boxes = boxed_answers(response)
+    values = list(dict.fromkeys(normalise(box) for box in boxes))
+    if len(values) < 2:
+        return None
+    wanted, members = len(parts(expected)), _SET.fullmatch(expected)
+    if members and len(parts(members.group(1))) == len(values):  # a set's members, boxed one by one
+        return ", ".join(boxes), "\\{" + ", ".join(values) + "\\}"
+    if len(values) == wanted:
+        return ", ".join(boxes), ", ".join(values)
+    return _wrong(", ".join(boxes), f"hedge: {len(values)} different boxed answers "
+                  f"({_short(' | '.join(values))}) for a gold of {wanted} part(s)")
+
+
+def _as_rationals(extracted: str, answer: str, expected: str, gold: str) -> Verdict | None:
+    """The verdict when both sides are integers, decimals or simple fractions; else None."""
+    exact_answer, exact_gold = as_rational(answer), as_rational(expected)
+    if not (exact_answer and exact_gold):
+        return None
+    (answer_value, answer_decimal), (gold_value, gold_decimal) = exact_answer, exact_gold
+    if answer_value == gold_value:
+        return _right(extracted, "equivalent: exact_rational", "exact", parse_status="both")
+    if _PERCENT.search(extracted) and not _PERCENT.search(gold) and answer_value / 100 == gold_value:
+        return _right(extracted, "equivalent: exact_rational (a percentage of the gold's value)", "exact",
+                      parse_status="both")  # 28% for a gold of 7/25; 28% for 28 is equal above
+    detail = f"{_short(answer)} vs {_short(expected)}"
+    if answer_decimal != gold_decimal:  # a decimal against an exact value: the digits rule
+        decimal, exact = (answer, gold_value) if answer_decimal else (expected, answer_value)
+        if decimal_matches(decimal, exact):
+            return _right(extracted, f"equivalent: {_DECIMAL_RULE}", "decimal", parse_status="both")
+        return _wrong(extracted, f"not_equivalent: {detail} ({_DECIMAL_RULE})", "decimal", parse_status="both")
+    return _wrong(extracted, f"not_equivalent: {detail}", "exact", parse_status="both")
 
 
 def _joined(answer: str) -> str:
