@@ -104,7 +104,10 @@ async def _run_shards(
     for role in ROLES:
         progress.stage(f"answer[{role}]", shards.count, "answers", stats[role])
     progress.stage("grade", 2 * shards.count, "answers")
-    task_ = shard_task.with_options(retries=recipe.shard_retries, result_storage=result_storage(recipe))
+    # here, the value is read back from its file, so Prefect keeps no finished shard in memory; on
+    # a cluster it travels back in memory
+    task_ = shard_task.with_options(retries=recipe.shard_retries, result_storage=result_storage(recipe),
+                                cache_result_in_memory=runner is not None)
     figures: dict[int, RunSummary] = {}
     sandbox = runtime.sandbox.name if runtime is not None else "unknown"
 
