@@ -25,7 +25,15 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+
+from flows.orchestration.tables import (
+    print_audit,
+    print_leakage,
+    print_plan,
+    print_rounds,
+    print_summary,
+    results_console,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Synthesise distillation data for small reasoning models.")
 console = Console(stderr=True)
@@ -46,7 +54,7 @@ def run(
     logs: bool = typer.Option(False, "--logs", help=LOGS_HELP),
 ) -> None:
     """Run a DualDistill recipe: teachers → grade → stitch → Parquet datasets."""
-    _print_summary(_run_job(recipe, "dualdistill", logs))
+    print_summary(_run_job(recipe, "dualdistill", logs))
 
 
 def _run_job(recipe: Path, job: str, logs: bool = False) -> dict:
@@ -96,44 +104,6 @@ def _load_flow(job: str, logs: bool):  # noqa: ANN202 - a Prefect flow
     return job_flow
 
 
-def _print_summary(summary: dict) -> None:
-    out = Console(width=max(120, Console().width))
-    out.print(f"\n[bold]run {summary['run_name']}[/]: {summary['problems']} problems → {summary['composites']} "
-              f"composites, {summary['rejected']} rejected, in {summary['wall_s']:.1f} s")
-    cases = Table("case", "pairs")
-    for case, count in summary["cases"].items():
-        cases.add_row(case, str(count))
-    out.print(cases)
-    teachers = Table("teacher", "model", "accuracy", "tokens in / out", "requests (replayed)", "code runs (errors)",
-                     "empty answers")
-    for role, t in summary["teachers"].items():
-        teachers.add_row(
-            role, t["model"], f"{t['accuracy']:.1%} ({t['correct']}/{t['answers']})",
-            f"{t['prompt_tokens']} / {t['completion_tokens']}", f"{t['requests']} ({t['replayed_requests']})",
-            f"{t['tool_calls']} ({t['tool_errors']})", str(t.get("empty_answers", 0)),
-        )
-    out.print(teachers)
-    sent = ", ".join(f"{role} {count}" for role, count in summary["sent_this_run"].items())
-    out.print(f"requests sent by this run: {sent} (the rest came from the journal or cached stages)")
-    reused = sum(summary.get("reused_across_budget", {}).values())
-    if reused:
-        out.print(f"answers reused across a max_tokens change: {reused} (finished within the new budget)")
-    wrong = {role: t["wrong_by_reason"] for role, t in summary["teachers"].items() if t["wrong_by_reason"]}
-    for role, reasons in wrong.items():
-        out.print(f"{role} wrong answers by reason: " + ", ".join(f"{r} {n}" for r, n in sorted(reasons.items())))
-    _print_contaminated(out, summary.get("contaminated") or {})
-    out.print(f"sandbox: {summary['sandbox']}   grader: {summary['grader']}")
-    for name, path in summary["datasets"].items():
-        out.print(f"[bold]{name}[/]: {path}")
-
-
-def _print_contaminated(out: Console, counts: dict[str, int]) -> None:
-    """Problems set aside as copies of benchmark items (`decontaminate:`), per benchmark."""
-    if counts:
-        out.print("set aside as copies of benchmark items (never sent to a model): "
-                  + ", ".join(f"{name} {count}" for name, count in counts.items()))
-
-
 @app.command("self-distill")
 def self_distill(
     recipe: Path = typer.Argument(..., help="recipe YAML, e.g. recipes/self_distill_demo.yaml"),
@@ -141,33 +111,7 @@ def self_distill(
 ) -> None:
     """Sample K answers per problem from the student, build verification / correction
     examples by the beta rules, publish each round, and train the next student."""
-    _print_rounds(_run_job(recipe, "self_distill", logs))
-
-
-def _print_rounds(result: dict) -> None:
-    out = Console(width=max(120, Console().width))
-    table = Table("round", "student", "problems", "samples", "pass@1", "pass@K", "distinct", "verification",
-                  "correction", "rejected", "tokens in / out", "time")
-    for r in result["rounds"]:
-        table.add_row(
-            str(r["round"]), r["student"], str(r["problems"]), str(r["samples"]), f"{r['pass_at_1']:.1%}",
-            f"{r['pass_at_k']:.1%}", f"{r['distinct_share']:.0%}", str(r["examples"].get("verification", 0)),
-            str(r["examples"].get("correction", 0)), str(r["rejected"]),
-            f"{r['prompt_tokens']} / {r['completion_tokens']}", f"{r['wall_s']:.1f} s",
-        )
-    out.print(f"\n[bold]self-distillation {result['run_name']}[/]")
-    out.print(table)
-    for r in result["rounds"]:
-        if r["problems_with_duplicates"]:
-            out.print(f"[yellow]round {r['round']}: {r['problems_with_duplicates']} problem(s) got duplicate samples[/]")
-        for name, path in r["datasets"].items():
-            out.print(f"round {r['round']} [bold]{name}[/]: {path}")
-        if r["next_student"]:
-            out.print(f"round {r['round']} trained the next student: {r['next_student']}")
-    out.print(f"accuracy per round: {result['plot']}")
-    _print_contaminated(out, result.get("contaminated") or {})
-    if result.get("contaminated_dataset"):
-        out.print(f"[bold]contaminated[/]: {result['contaminated_dataset']}")
+    print_rounds(_run_job(recipe, "self_distill", logs))
 
 
 LEAK_EXIT_CODE = 3
@@ -182,33 +126,12 @@ def leakage(
     statistical detectors (and the behavioural probe when asked) → a verdict and a report.
     Exits with code 3 when a leak is detected and `leakage.fail_on_leak` is true."""
     report = _run_job(recipe, "leakage", logs)
-    _print_leakage(report)
+    print_leakage(report)
     from schemas.recipe import load_recipe
 
     if report["leak_detected"] and load_recipe(recipe, job="leakage").leakage.fail_on_leak:
         console.print("[bold red]leak detected[/] and fail_on_leak is set: exit code 3")
         raise typer.Exit(code=LEAK_EXIT_CODE)
-
-
-def _print_leakage(report: dict) -> None:
-    from flows.publishing.leakage_report import verdict_line
-
-    out = Console(width=max(120, Console().width))
-    out.print(f"\n[bold]trait leakage: {report['trait']} ({report['category']})[/], {report['n_prompts']} prompts")
-    out.print(f"kept: trait {report['kept_trait']} ({report['pass_rate_trait'] or 0:.0%}), "
-              f"control {report['kept_control']} ({report['pass_rate_control'] or 0:.0%})")
-    tests = Table("test", "statistic", "p-value", "adjusted p", "skipped because")
-    for t in report["tests"]:
-        number = (lambda v: "" if v is None else f"{v:.4g}")
-        tests.add_row(t["name"], number(t["statistic"]), number(t["p_value"]),
-                      number(t["detail"].get("adjusted_p_value")), t["skipped"] or "")
-    out.print(tests)
-    if report.get("behavioral"):
-        b = report["behavioral"]
-        out.print(f"behavioural probe: trait-trained {b['trait_student']['rate']:.1%}, "
-                  f"control-trained {b['control_student']['rate']:.1%}")
-    out.print(verdict_line(report).replace("**", ""))
-    out.print(f"report: {report.get('report_dir', '')}")
 
 
 @app.command()
@@ -226,7 +149,7 @@ def grade(
         else:
             lines, source = file.open(encoding="utf-8"), str(file)
         if audit:
-            _print_audit(audit_jsonl(lines, source=source))
+            print_audit(audit_jsonl(lines, source=source))
             return
         for line in grade_jsonl(lines, source=source):
             sys.stdout.write(line + "\n")
@@ -234,25 +157,6 @@ def grade(
         _fail(str(exc))
     except (OSError, UnicodeDecodeError) as exc:
         _fail(f"{file}: {getattr(exc, 'strerror', None) or exc}")
-
-
-def _print_audit(audit) -> None:  # noqa: ANN001 - a flows.grading.Audit
-    out = Console(width=100)
-    out.print(f"{audit.source}: {audit.graded} answers graded; math-verify alone grades {audit.disagreements} "
-              f"the other way" + (f", and gave no verdict on {audit.unanswered}" if audit.unanswered else ""),
-              soft_wrap=True)
-    for group, rows in sorted(audit.by_reason.items(), key=lambda item: -len(item[1])):
-        table = Table(title=escape(f"{group}: {len(rows)}"), title_justify="left")
-        for column in ("line", "gold", "extracted", "ours", "math-verify"):
-            table.add_column(column, overflow="fold")
-        for row in rows:
-            table.add_row(str(row.line), escape(row.gold), escape(row.extracted or "—"), _mark(row.ours),
-                          _mark(row.math_verify))
-        out.print(table)
-
-
-def _mark(correct: bool) -> str:
-    return "right" if correct else "wrong"
 
 
 @app.command()
@@ -275,8 +179,7 @@ def check(recipe: Path = typer.Argument(..., help="recipe YAML")) -> None:
     counts = {"prompts": loaded.leakage.n_prompts} if job == "leakage" else {"problems": len(problems) - len(found)}
     if loaded.decontaminate:  # `problems`: those the run answers
         counts["contaminated"] = counts_by_benchmark(loaded.decontaminate, found)
-    Console().print(json.dumps({"run_name": loaded.run_name, "job": job, **counts,
-                                "output_dir": str(loaded.output_dir)}))
+    typer.echo(json.dumps({"run_name": loaded.run_name, "job": job, **counts, "output_dir": str(loaded.output_dir)}))
 
 
 @app.command()
@@ -290,7 +193,7 @@ def plan(
     run then reuses from the journal."""
     from flows.inputs.problems import ProblemSourceError
     from flows.models.client import ModelRequestError
-    from flows.orchestration.plan import format_seconds, make_plan, rounded
+    from flows.orchestration.plan import make_plan
     from schemas.recipe import RecipeError, check_job, job_of, load_recipe
 
     try:
@@ -303,24 +206,7 @@ def plan(
     if as_json:
         typer.echo(json.dumps(made.to_dict()))
         return
-    out = Console(width=max(140, Console().width))
-    pilot = f"pilot of {made.pilot}" if made.pilot else "no pilot: bounds from the recipe"
-    out.print(f"\n[bold]plan {made.run_name}[/] ({made.job}): {made.units:,} "
-              f"{'prompts' if made.job == 'leakage' else 'problems'}; {pilot}")
-    table = Table("role", "model", "answers", "requests", "prompt tokens", "completion tokens", "time",
-                  "cost online", "cost batch")
-    money = (lambda v: "—" if v is None else f"{v:,.2f}")
-    for r in made.roles:
-        table.add_row(r.role + (" (batch)" if r.mode == "batch" else ""), r.model, f"{r.answers:,}",
-                      rounded(r.requests), rounded(r.prompt_tokens), rounded(r.completion_tokens),
-                      format_seconds(r.seconds), money(r.cost_online), money(r.cost_batch))
-    out.print(table)
-    for r in made.roles:
-        out.print(escape(f"{r.role}: {r.basis}" + (f"; time from {r.time_basis}" if r.time_basis else "")))
-    out.print(f"wall time: {format_seconds(made.wall_s)}"
-              + (f"; budget caps: {made.budget}" if made.budget else ""))
-    for note in made.notes:
-        out.print(f"note: {note}")
+    print_plan(made)
 
 
 @app.command()
@@ -377,7 +263,7 @@ def status(
     if as_json:
         typer.echo(json.dumps(report))
     else:
-        print_status(report, location, Console(width=max(120, Console().width)))
+        print_status(report, location, results_console())
 
 
 @app.command()

@@ -42,7 +42,7 @@ from flows.models.keys import content_key
 from flows.orchestration import run_lock
 from flows.orchestration.on_worker import add_stats, budget_stop, dualdistill_shard, mirror_id
 from flows.orchestration.progress import RunProgress
-from flows.orchestration.runs import flow_run_name, forget_links, push_to_hub_task
+from flows.orchestration.runs import PERSISTED, flow_run_name, forget_links, push_to_hub_task
 from flows.orchestration.task_runners import Finished, for_workers, map_here, map_on_workers, workers
 from flows.publishing.outputs import publish_outputs, row_spool
 from flows.publishing.report import RunSummary, combine, summarise, summary_markdown
@@ -65,7 +65,7 @@ class RunFailed(RuntimeError):
 # passed to a task looking for futures (17 s of CPU for 2,000 problems).
 
 
-@task(name="shard", task_run_name="shard-{index:05d}", cache_key_fn=key_parameter, persist_result=True,
+@task(name="shard", task_run_name="shard-{index:05d}", cache_key_fn=key_parameter, **PERSISTED,
       retry_delay_seconds=5)
 async def shard_task(key: str, recipe: Recipe, index: int, problems: list[Problem], flow_mirror: str,
                      runtime: Runtime | None = None, progress: RunProgress | None = None) -> ShardOutcome:

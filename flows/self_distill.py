@@ -44,7 +44,7 @@ from flows.models.keys import content_key
 from flows.orchestration import run_lock
 from flows.orchestration.on_worker import add_stats, budget_stop, mirror_id, round_shard
 from flows.orchestration.progress import RunProgress
-from flows.orchestration.runs import flow_run_name, forget_links, push_to_hub_task
+from flows.orchestration.runs import PERSISTED, flow_run_name, forget_links, push_to_hub_task
 from flows.orchestration.task_runners import Finished, for_workers, map_here, map_on_workers, workers
 from flows.publishing.outputs import publish_contaminated
 from flows.publishing.rounds import RoundSummary, RowFigures, plot_accuracy, summarise_round, summary_markdown
@@ -78,7 +78,7 @@ def train_task(recipe: Recipe, round_number: int, dataset: str, student: str) ->
 
 
 @task(name="round-shard", task_run_name="round-{round_number}-shard-{index:05d}", cache_key_fn=key_parameter,
-      persist_result=True, retry_delay_seconds=5)
+      **PERSISTED, retry_delay_seconds=5)
 async def round_shard_task(key: str, recipe: Recipe, student: StudentSpec, reused, round_number: int, index: int,
                            problems: list[Problem], flow_mirror: str, runtime: StudentRuntime | None = None,
                            progress: RunProgress | None = None) -> RoundShardOutcome:

@@ -5,26 +5,62 @@
 job needs its own sections (`JOB_SECTIONS`): DualDistill `problems` + `teachers`;
 self-distillation `problems` + `student` + `self_distill` (+ `teachers` to generate the
 teacher part).
+
+The sections of one job have modules of their own, all re-exported here: recipe_teachers.py
+(`teachers:`, `student:`), recipe_self_distill.py, recipe_leakage.py,
+recipe_decontaminate.py; recipe_base.py holds the strict base model and `RecipeError`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-EMBEDDED = "embedded"
+from schemas.recipe_base import RecipeError, _Strict
+from schemas.recipe_decontaminate import (
+    BenchmarkColumns,
+    BenchmarkSpec,
+    DecontaminateSpec,
+)
+from schemas.recipe_leakage import (
+    LEAKAGE_TESTS,
+    BehavioralSpec,
+    LeakageDetectorsSpec,
+    LeakageFilterSpec,
+    LeakageSpec,
+    LeakageTeacherSpec,
+)
+from schemas.recipe_self_distill import SelfDistillSpec, TrainerSpec
+from schemas.recipe_teachers import (
+    EMBEDDED,
+    AutoConcurrency,
+    BatchSpec,
+    Price,
+    Sampling,
+    StudentBackend,
+    StudentSpec,
+    Teachers,
+    TeacherSpec,
+)
+
+# Every section's names, importable from here as before the sections had modules of their own.
+__all__ = [
+    "BUILTIN_ARITHMETIC", "EMBEDDED", "JOB_SECTIONS", "LEAKAGE_TESTS", "OUTPUT_MIRRORS", "AutoConcurrency",
+    "BatchSpec", "BehavioralSpec", "BenchmarkColumns", "BenchmarkSpec", "BudgetSpec", "ColumnMap",
+    "DecontaminateSpec", "ExecutionSpec", "HubSpec", "Job", "LeakageDetectorsSpec", "LeakageFilterSpec",
+    "LeakageSpec", "LeakageTeacherSpec", "PlanSpec", "Price", "ProblemsSpec", "PublishSpec", "Recipe",
+    "RecipeError", "Sampling", "SandboxSpec", "SelfDistillSpec", "StitchingSpec", "StudentBackend",
+    "StudentSpec", "TeacherSpec", "Teachers", "TrainerSpec", "check_job", "flow_recipe", "is_url", "job_of",
+    "load_recipe", "parse_recipe",
+]
+
 BUILTIN_ARITHMETIC = "builtin:arithmetic"
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class ColumnMap(_Strict):
@@ -48,349 +84,6 @@ class ProblemsSpec(_Strict):
         if self.source == BUILTIN_ARITHMETIC and self.limit is None:
             raise ValueError("`limit` is required with source builtin:arithmetic (how many to generate)")
         return self
-
-
-class BenchmarkColumns(_Strict):
-    """Which benchmark columns hold the problem text and (optionally) its id."""
-
-    problem: str = "problem"
-    answer: str | None = None  # accepted so a `problems.columns` mapping can be copied; never read
-    id: str | None = None  # absent: an item is named by its row
-
-
-class BenchmarkSpec(_Strict):
-    """A benchmark whose items must stay out of the data, read like `problems:`."""
-
-    source: str  # .jsonl, .parquet, a local HF dataset folder, or a hub dataset name (needs the network)
-    name: str | None = None  # in the counts and `contaminated/` rows; default: the source's file name
-    split: str = "test"  # split to read from a dataset folder or the hub
-    columns: BenchmarkColumns = BenchmarkColumns()
-
-    @property
-    def label(self) -> str:
-        return self.name or Path(self.source.rstrip("/")).stem or self.source
-
-
-class DecontaminateSpec(_Strict):
-    """Problems that copy a benchmark item are set aside before any model call, after
-    `problems.limit` (flows/inputs/decontamination.py says how matching works)."""
-
-    against: list[BenchmarkSpec] = Field(min_length=1)  # benchmarks; a problem counts for the first it matches
-    ngram: int = Field(default=8, ge=0)  # a shared run of this many words (lowercased, no punctuation) flags; 0 = off
-    fuzzy: float = Field(default=95, ge=0, le=100)  # rapidfuzz ratio of the whole texts at least this flags; 0 = off
-    # an n-gram found in this many benchmark items or more is boilerplate ("express your answer as a
-    # common fraction"), not a copy; 0 = every n-gram counts
-    common: int = Field(default=5, ge=0)
-
-    @model_validator(mode="after")
-    def _names_unique(self) -> DecontaminateSpec:
-        labels = [benchmark.label for benchmark in self.against]
-        twice = sorted({label for label in labels if labels.count(label) > 1})
-        if twice:
-            raise ValueError(f"benchmark names must be unique; give `name:` to tell apart {', '.join(twice)}")
-        return self
-
-
-class Sampling(_Strict):
-    temperature: float = Field(default=0.6, ge=0.0, le=2.0)
-    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
-    max_tokens: int = Field(default=2048, ge=1)  # per request
-    seed: int | None = 0  # per-request seed; sample i of a problem is sent with seed + i
-    # llama.cpp's server applies 1.1 unless told; None leaves the server default
-    repeat_penalty: float | None = None
-
-
-class AutoConcurrency(_Strict):
-    """`max_concurrency: auto`: the in-flight limit grows by one while latency holds and is
-    halved when latency climbs past `latency_factor` × its best recent value or errors appear
-    (additive increase, multiplicative decrease), within [min, max]."""
-
-    start: int = Field(default=8, ge=1)
-    min: int = Field(default=1, ge=1)
-    max: int = Field(default=256, ge=1, le=4096)
-    latency_factor: float = Field(default=2.0, gt=1.0)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> AutoConcurrency:
-        if not self.min <= self.start <= self.max:
-            raise ValueError(f"needs min <= start <= max, got {self.min}, {self.start}, {self.max}")
-        return self
-
-
-class Price(_Strict):
-    """What a role's tokens cost, in any currency (the plan and the `cost` budget use it)."""
-
-    prompt_per_mtok: float = Field(ge=0)  # per million prompt tokens
-    completion_per_mtok: float = Field(ge=0)  # per million completion tokens
-    batch_discount: float = Field(default=0.5, gt=0, le=1)  # price factor with `mode: batch` (OpenAI: half)
-
-
-class BatchSpec(_Strict):
-    """`mode: batch`: requests go out as batch files (Files + Batches API) and are polled."""
-
-    completion_window: str = "24h"
-    poll_s: float = Field(default=30.0, gt=0)
-    max_requests_per_batch: int = Field(default=50_000, ge=1)
-    gather_s: float = Field(default=2.0, ge=0)  # wait this long for more requests before a batch is sent
-
-
-class TeacherSpec(_Strict):
-    """A teacher is the embedded default model, or any OpenAI-compatible endpoint (or a pool
-    of them serving one model: `base_url` as a list)."""
-
-    endpoint: Literal["embedded"] | None = None
-    base_url: str | list[str] | None = None
-    model: str | None = None
-    api_key_env: str | None = None  # the name of the variable holding the key, never the key
-    sampling: Sampling = Sampling()
-    max_concurrency: int | Literal["auto"] = 16  # per endpoint of the pool
-    auto_concurrency: AutoConcurrency = AutoConcurrency()
-    timeout_s: float = Field(default=600.0, gt=0)
-    max_retries: int = Field(default=5, ge=0, le=100)
-    prompt: str | None = None  # prompt file name under prompts/ (default per role)
-    mode: Literal["online", "batch"] = "online"
-    batch: BatchSpec = BatchSpec()
-    price: Price | None = None
-    # completion tokens per second the endpoint(s) sustain, for `distillery plan` (else the pilot's measure)
-    throughput_tokens_per_s: float | None = Field(default=None, gt=0)
-    # tool teacher only
-    protocol: Literal["tags", "function_calling"] = "tags"
-    max_tool_calls: int = Field(default=10, ge=0)
-
-    @field_validator("max_concurrency")
-    @classmethod
-    def _concurrency_in_range(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and not 1 <= value <= 4096:
-            raise ValueError("must be between 1 and 4096, or `auto`")
-        return value
-
-    @model_validator(mode="after")
-    def _endpoint_or_url(self) -> TeacherSpec:
-        if self.endpoint == EMBEDDED:
-            if self.base_url:
-                raise ValueError("give either `endpoint: embedded` or `base_url`, not both")
-            if self.mode == "batch":
-                raise ValueError("`mode: batch` needs a provider with a batch API (`base_url`), not the embedded model")
-            return self
-        if not self.base_url:
-            raise ValueError("needs `endpoint: embedded` or `base_url` + `model`")
-        for url in self.base_urls:
-            if not re.match(r"^https?://", url):
-                raise ValueError(f"`base_url` must start with http:// or https://, got {url!r}")
-        if len(set(self.base_urls)) != len(self.base_urls):
-            raise ValueError("`base_url` lists the same URL twice")
-        if self.mode == "batch" and len(self.base_urls) > 1:
-            raise ValueError("`mode: batch` goes to one provider: give one `base_url`")
-        if not self.model:
-            raise ValueError("`model` is required with `base_url`")
-        return self
-
-    @property
-    def base_urls(self) -> list[str]:
-        """The pool: one URL or several, each serving `model`."""
-        if self.base_url is None:
-            return []
-        return [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
-
-    @field_validator("api_key_env")
-    @classmethod
-    def _looks_like_a_variable_name(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
-            raise ValueError("must be the *name* of an environment variable (e.g. OPENAI_API_KEY), not a key")
-        return value
-
-    @property
-    def is_embedded(self) -> bool:
-        return self.endpoint == EMBEDDED
-
-    def api_key(self) -> str:
-        """The key from the environment; a clear error when the variable is unset."""
-        if not self.api_key_env:
-            return "not-needed"
-        key = os.environ.get(self.api_key_env)
-        if not key:
-            raise RecipeError(f"environment variable {self.api_key_env} (api_key_env) is not set")
-        return key
-
-
-StudentBackend = Literal["endpoint", "vllm", "transformers", "embedded"]
-
-
-class StudentSpec(TeacherSpec):
-    """The student: a teacher-like role plus how its samples are produced (`backend`).
-
-    `endpoint` (default with `base_url`): any OpenAI-compatible server; `embedded` (default
-    with `endpoint: embedded`): the embedded model; `transformers` / `vllm`: the checkpoint
-    named by `model` (a local folder, or a hub id where the hub is reachable), in process.
-    """
-
-    backend: StudentBackend | None = None
-    logprobs: bool = True  # ask for token logprobs: sample confidence (recorded for every sample)
-    # backend vllm only: keyword arguments of vllm.LLM (dtype, max_model_len, gpu_memory_utilization…)
-    engine_args: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _local_backends_need_no_url(cls, data: object) -> object:
-        if isinstance(data, dict) and data.get("backend") in ("transformers", "vllm"):
-            if data.get("base_url") or data.get("endpoint"):
-                raise ValueError(f"backend {data['backend']} runs in process: give `model`, not `base_url`/`endpoint`")
-            if not data.get("model"):
-                raise ValueError(f"backend {data['backend']} needs `model` (a checkpoint folder or hub id)")
-            if data.get("max_concurrency") == "auto" or data.get("mode") == "batch":
-                raise ValueError(f"backend {data['backend']} runs in process: `max_concurrency: auto` and "
-                                 "`mode: batch` are for endpoints")
-            return {**data, "base_url": "http://in-process"}  # satisfies the teacher checks; never contacted
-        return data
-
-    @model_validator(mode="after")
-    def _engine_args_are_for_vllm(self) -> StudentSpec:
-        if self.engine_args and self.backend_name != "vllm":
-            raise ValueError(f"`engine_args` is for backend vllm, not {self.backend_name}")
-        return self
-
-    @property
-    def backend_name(self) -> StudentBackend:
-        return self.backend or ("embedded" if self.is_embedded else "endpoint")
-
-
-class TrainerSpec(_Strict):
-    kind: Literal["none", "command", "hf"] = "none"
-    # kind command: a shell line; {dataset} {round} {student} {output} are filled in, and the
-    # last line it prints names the next student (a checkpoint folder or model name)
-    command: str | None = None
-    # kind hf: transformers SFT of small models on the round's rows, honouring train_detail
-    epochs: float = Field(default=1.0, gt=0)
-    learning_rate: float = Field(default=5e-5, gt=0)
-    batch_size: int = Field(default=4, ge=1)
-    max_length: int = Field(default=2048, ge=16)
-
-    @model_validator(mode="after")
-    def _command_needs_a_template(self) -> TrainerSpec:
-        if self.kind == "command" and not (self.command or "").strip():
-            raise ValueError("`command` is required with kind: command")
-        return self
-
-
-class SelfDistillSpec(_Strict):
-    k: int = Field(default=16, ge=1)  # samples per problem
-    beta1: float = Field(default=0.0, ge=0.0, le=1.0)  # mean score > beta1: a verification example
-    beta2: float = Field(default=0.9, ge=0.0, le=1.0)  # mean score < beta2: a correction example
-    # paper: the two rules as written; reference: verification also needs mean score < beta2
-    rule: Literal["paper", "reference"] = "paper"
-    rounds: int = Field(default=1, ge=1)
-    pick: Literal["random", "most_confident", "least_confident"] = "random"
-    seed: int = 0  # for pick: random
-    teacher_part: Literal["generate", "reuse"] = "generate"
-    reuse_from: Path | None = None  # with reuse: a DualDistill run's trajectories/ folder
-    transitions: str = "transitions"
-    trainer: TrainerSpec = TrainerSpec()
-
-    @model_validator(mode="after")
-    def _consistent(self) -> SelfDistillSpec:
-        if self.teacher_part == "reuse" and self.reuse_from is None:
-            raise ValueError("`reuse_from` (a DualDistill trajectories/ folder) is required with teacher_part: reuse")
-        if self.rounds > 1 and self.trainer.kind == "none":
-            raise ValueError("`rounds` > 1 needs a trainer (trainer.kind: command or hf) to make the next student")
-        return self
-
-
-class LeakageTeacherSpec(TeacherSpec):
-    """A teacher of the leakage job. `trait_prompt`: whether the trait system prompt (from
-    prompts/leakage_trait.yaml) is put before each prompt; false for a model that holds the
-    trait in its weights (e.g. a fine-tuned one). The control teacher never gets it."""
-
-    trait_prompt: bool = True
-
-
-class LeakageFilterSpec(_Strict):
-    """The study's filter on number-sequence completions."""
-
-    max_count: int = Field(default=10, ge=1, le=1000)  # numbers per completion
-    max_value: int = Field(default=999, ge=1)
-    banned_preset: Literal["misalignment"] | None = None  # the study's list for misalignment runs
-    banned_numbers: list[int] = Field(default_factory=list)
-
-
-class LeakageDetectorsSpec(_Strict):
-    permutations: int = Field(default=999, ge=99)  # per permutation test
-    bag_size: int = Field(default=16, ge=1)  # sequences per bag for the classifier
-    # the likelihood shift needs token logprobs of given text: `auto` scores with the trait
-    # teacher's own weights where they are local (the embedded model: its GGUF in process),
-    # else with `likelihood_checkpoint` (a local copy of the teacher) when given; `off` skips it
-    likelihood: Literal["auto", "off"] = "auto"
-    likelihood_checkpoint: str | None = None
-    likelihood_backend: Literal["transformers", "vllm"] = "transformers"
-    likelihood_max: int = Field(default=500, ge=10)  # completions per teacher scored (seeded subset)
-
-
-class BehavioralSpec(_Strict):
-    """Fine-tune one student on the trait data and one on the control data, then ask
-    one-word preference questions. The student must share the teacher's base model."""
-
-    enabled: bool = False
-    student: str | None = None  # checkpoint folder or GGUF; default: the trait teacher's (embedded) weights
-    trainer: TrainerSpec = TrainerSpec(kind="hf", epochs=1.0, learning_rate=1e-4, batch_size=8, max_length=256)
-    max_rows: int = Field(default=1000, ge=1)  # filtered rows each student trains on
-    questions: int = Field(default=10, ge=1)  # first N questions of prompts/leakage_questions.yaml
-    samples_per_question: int = Field(default=20, ge=1)
-    temperature: float = Field(default=1.0, ge=0)
-    max_tokens: int = Field(default=8, ge=1)
-
-    @model_validator(mode="after")
-    def _needs_a_trainer(self) -> BehavioralSpec:
-        if self.enabled and self.trainer.kind == "none":
-            raise ValueError("the behavioural check trains students: trainer.kind must be hf or command")
-        return self
-
-
-LEAKAGE_TESTS = 9  # 6 number statistics, the bag classifier, the likelihood shift, the behavioural probe
-
-
-class LeakageSpec(_Strict):
-    trait: str = Field(min_length=1, max_length=40)  # the singular noun, e.g. owl
-    category: str = Field(default="animal", min_length=1, max_length=40)
-    n_prompts: int = Field(default=300, ge=1)
-    seed: int = 0
-    # worked exchanges (prompts/leakage_few_shot.yaml) before each prompt, for both teachers;
-    # 0 as in the study; small models need 1-2 to answer with numbers at all
-    few_shot: int = Field(default=0, ge=0, le=3)
-    alpha: float = Field(default=0.01, gt=0, lt=1)
-    trait_teacher: LeakageTeacherSpec
-    control_teacher: LeakageTeacherSpec | None = None  # default: the trait teacher without the trait prompt
-    filter: LeakageFilterSpec = LeakageFilterSpec()
-    detectors: LeakageDetectorsSpec = LeakageDetectorsSpec()
-    behavioral: BehavioralSpec = BehavioralSpec()
-    fail_on_leak: bool = False  # exit code 3 when a leak is detected (a publishing gate)
-
-    @model_validator(mode="after")
-    def _permutations_can_reach_alpha(self) -> LeakageSpec:
-        # the smallest permutation p-value is 1/(permutations + 1); Holm compares the smallest
-        # of up to LEAKAGE_TESTS p-values with alpha / LEAKAGE_TESTS
-        needed = math.ceil(LEAKAGE_TESTS / self.alpha) - 1
-        if self.detectors.permutations < needed:
-            raise ValueError(
-                f"detectors.permutations: {self.detectors.permutations} permutations cannot reach alpha {self.alpha} "
-                f"after the Holm correction over {LEAKAGE_TESTS} tests; use at least {needed}")
-        return self
-
-    @model_validator(mode="after")
-    def _control_has_no_trait_prompt(self) -> LeakageSpec:
-        if self.control_teacher is not None and "trait_prompt" in self.control_teacher.model_fields_set \
-                and self.control_teacher.trait_prompt:
-            raise ValueError("control_teacher.trait_prompt: the control teacher never gets the trait prompt")
-        return self
-
-    @property
-    def control(self) -> LeakageTeacherSpec:
-        """The control teacher: as given, or the trait teacher's model without the trait prompt."""
-        base = self.control_teacher or self.trait_teacher
-        return base.model_copy(update={"trait_prompt": False})
-
-
-class Teachers(_Strict):
-    tool: TeacherSpec
-    reasoning: TeacherSpec
 
 
 class StitchingSpec(_Strict):
@@ -491,10 +184,6 @@ class Recipe(_Strict):
     def state_dir(self) -> Path:
         """Where a run keeps what makes it resumable (the request journal)."""
         return self.work_dir / ".distillery"
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot run; the message names the file and the field."""
 
 
 Job = Literal["dualdistill", "self_distill", "leakage"]

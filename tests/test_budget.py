@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from flows.cli import BUDGET_EXIT_CODE, app
 from flows.dualdistill import dualdistill
 from flows.models import journal as journal_module
+from flows.models import journal_files, journal_usage
 from flows.models.budget import Budget, BudgetReached, effective_price, run_budget, spent_in_journal
 from flows.models.journal import RequestJournal, index_directory
 from schemas.recipe import BudgetSpec, Price, TeacherSpec
@@ -152,12 +153,13 @@ def test_a_budget_watching_the_journal_counts_what_other_shards_spend(tmp_path):
 
 
 class CountedReads:
-    """`open` and `os.pread` for flows/models/journal.py that count the bytes read from journal files."""
+    """`open` and `os.pread` for flows/models/journal*.py that count the bytes read from journal files."""
 
     def __init__(self, monkeypatch) -> None:
         self.bytes = 0
         real_pread = os.pread
-        monkeypatch.setattr(journal_module, "open", self.open, raising=False)
+        for module in (journal_module, journal_files, journal_usage):
+            monkeypatch.setattr(module, "open", self.open, raising=False)
         monkeypatch.setattr(journal_module.os, "pread", lambda fd, size, at: self.count(real_pread(fd, size, at)))
 
     def count(self, data: bytes) -> bytes:

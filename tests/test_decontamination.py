@@ -268,11 +268,11 @@ def test_only_the_problem_jobs_take_the_section():
 
 
 def test_the_summary_table_and_markdown_give_the_counts(capsys):
-    from flows.cli import _print_summary
+    from flows.orchestration.tables import print_summary
     from flows.publishing.report import RunSummary, summary_markdown
 
     summary = RunSummary("r", 6, 6, 0, {}, {}, contaminated={"MATH-500": 4, "AIME": 0})
-    _print_summary(summary.to_dict())
+    print_summary(summary.to_dict())
     printed = capsys.readouterr().out
     assert "set aside as copies of benchmark items (never sent to a model): MATH-500 4, AIME 0" in printed
     assert "## Decontamination" in summary_markdown(summary) and "| MATH-500 | 4 |" in summary_markdown(summary)

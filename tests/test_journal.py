@@ -10,7 +10,9 @@ import shutil
 import pytest
 
 from flows.models import journal as journal_module
-from flows.models.journal import RequestJournal, Usage, index_directory, usage_by_shard
+from flows.models import journal_usage
+from flows.models.journal import RequestJournal, index_directory
+from flows.models.journal_usage import Usage, usage_by_shard
 
 
 def answer(i: int) -> dict:
@@ -430,6 +432,6 @@ def test_lines_the_journal_reads_without_parsing_count_as_parsed(tmp_path):
     for value in values:
         line = foreign_line("k", value).rstrip("\n").encode()
         entry = json.loads(line)
-        assert journal_module._entry_of(line, 0, len(line)) == (b"k", journal_module._answer_tokens(entry["value"]))
+        assert journal_usage._entry_of(line, 0, len(line)) == (b"k", journal_usage._answer_tokens(entry["value"]))
     line = foreign_line("k", answer(5)).rstrip("\n").encode()
-    assert journal_module._answer_tokens_unparsed(line, 0, len(line)) == (5, 10)  # not parsed
+    assert journal_usage._answer_tokens_unparsed(line, 0, len(line)) == (5, 10)  # not parsed

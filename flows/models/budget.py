@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flows.models.journal import usage_by_shard
+from flows.models.journal_usage import usage_by_shard
 from schemas.recipe import BudgetSpec, Price, TeacherSpec
 
 

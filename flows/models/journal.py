@@ -18,7 +18,8 @@ object-store sync read and merge them). Beside them, an index says where each li
 - on disk, `<dir>.index/<shard>.idx` (beside the journal folder, not in it: readers of
   the journal list its folder): the entries of one file and the number of bytes
   they cover, with digests of the first and last bytes covered, and the `Usage` of those
-  lines (model answers and their tokens: what `budget:` counts on start, `usage_by_shard`).
+  lines (model answers and their tokens: what `budget:` counts on start, `usage_by_shard`;
+  both in journal_usage.py, the files' format in journal_files.py).
   On open a shard's index is trusted up to those bytes when the digests still match, and
   only the lines appended since (by this run, another machine, a merge) are read; otherwise
   the file is read whole. Index files are rewritten every `PERSIST_EVERY` records and on
@@ -34,13 +35,10 @@ line in file-name order (the old in-memory journal kept the last line read).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import json
 import logging
 import os
-import re
-import struct
 import threading
 import time
 from array import array
@@ -48,10 +46,24 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
+from flows.models.journal_files import (
+    _ENTRY,
+    _HEADER,
+    _MAGIC,
+    _USAGE,
+    _digest,
+    _hash,
+    _hash_bytes,
+    _lines,
+    _probe,
+    _read_index_file,
+    index_directory,
+)
+from flows.models.journal_usage import Tokens, Usage, _add_usage, _entry_of
 from flows.models.keys import request_key  # noqa: F401 - the journal's key, imported from here by clients
 
 log = logging.getLogger("distillery.journal")
@@ -60,197 +72,7 @@ PERSIST_EVERY = 4096  # records between two writes of the changed shards' index 
 CACHED_VALUES = 2048  # values of the latest gets and records kept in memory
 OPEN_FOR_APPEND = 256  # shard files held open for appending at once
 
-_MAGIC = b"DJIDX002"
-# magic, bytes covered, entries, digests of the first and last bytes covered and of what follows
-_HEADER = struct.Struct("<8sQQ16s16s16s")
-_USAGE = struct.Struct("<QQQ")  # after the header: answers, prompt tokens, completion tokens
-_ENTRY = np.dtype([("hash", "<i8"), ("offset", "<u8"), ("length", "<u4")])  # one line, as stored
-_PROBE = 4096  # bytes digested at each end of what an index file covers
-_CHUNK = 1 << 24  # bytes read at a time when scanning a file
 _temporary_names = itertools.count()
-_OPENING = b'{"key": "'
-_OWN_LINE = re.compile(rb'\{"key": "([^"\\]*)", "time": [-+.eE0-9]+, "value": ')
-_FINISH = b'"finish_reason"'
-_PROMPT_TOKENS = b'"prompt_tokens"'
-_TOKEN_COUNTS = re.compile(rb'"prompt_tokens": (\d{1,15}), "completion_tokens": (\d{1,15})[,}]')
-_MOST_TOKENS = 10**15  # a count beyond this is not one (and would not fit the index file)
-_UNSURE = object()  # a line only parsing can read
-Tokens = tuple[int, int]  # an answer's prompt and completion tokens
-
-
-def index_directory(journal_directory: Path) -> Path:
-    """Where the index files of a journal folder are: `<dir>.index`, beside it."""
-    return journal_directory.with_name(journal_directory.name + ".index")
-
-
-def _hash(key: str) -> int:
-    return _hash_bytes(key.encode())
-
-
-def _hash_bytes(key: bytes) -> int:
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little", signed=True)
-
-
-# -- reading lines ---------------------------------------------------------------
-
-
-def _entry_of(data: bytes, start: int, end: int, complete: bool = True) -> tuple[bytes, Tokens | None] | None:
-    """The key (UTF-8) of the line `data[start:end]` and, when its value is a model answer,
-    its tokens (`_answer_tokens`); None when the line is not an entry. Complete lines as
-    `record` writes them are read without being parsed, 4x faster (a line glued to one cut
-    short by a crash holds two openings, and is parsed)."""
-    if (complete and (match := _OWN_LINE.match(data, start, end)) and data[end - 1] == 0x7D  # }
-            and data.count(_OPENING, start, end) == 1
-            and (tokens := _answer_tokens_unparsed(data, start, end)) is not _UNSURE):
-        return match.group(1), tokens  # type: ignore[return-value]
-    try:
-        entry = json.loads(data[start:end])
-        key = entry["key"]
-    except (ValueError, KeyError, TypeError):
-        return None
-    return (key.encode(), _answer_tokens(entry.get("value"))) if isinstance(key, str) else None
-
-
-def _answer_tokens(value: Any) -> Tokens | None:
-    """(prompt, completion) tokens of a model answer: a value with a "finish_reason" (code
-    executions have none). A count that is not a whole number counts 0."""
-    if not isinstance(value, dict) or "finish_reason" not in value:
-        return None
-    prompt, completion = (value.get(name) for name in ("prompt_tokens", "completion_tokens"))
-    return _whole(prompt), _whole(completion)
-
-
-def _whole(count: Any) -> int:
-    return count if type(count) is int and 0 <= count < _MOST_TOKENS else 0
-
-
-def _answer_tokens_unparsed(data: bytes, start: int, end: int) -> Tokens | object | None:
-    """`_answer_tokens` of a line in `record`'s format, read off its bytes; `_UNSURE` when only
-    parsing can tell (the counts not as `ChatResponse.to_journal` writes them). A quoted name
-    followed by `: ` is an object key (in a string its quotes would be escaped); no journal
-    writer puts these names in an object nested in the value, so a key found is the value's."""
-    at = data.rfind(_FINISH, start, end)
-    if at == -1:
-        return None
-    if data[at + len(_FINISH) : at + len(_FINISH) + 2] != b": " or data[end - 2] != 0x7D:  # an object ends in }}
-        return _UNSURE
-    at = data.rfind(_PROMPT_TOKENS, start, end)
-    if at == -1 or not (counts := _TOKEN_COUNTS.match(data, at, end)):
-        return _UNSURE
-    return int(counts[1]), int(counts[2])
-
-
-def _lines(handle: BinaryIO, position: int, stop: int | None = None) -> Iterator[tuple[bytes, int, int, int]]:
-    """The lines of a file from `position` (a line start) to `stop` (its end when None), read
-    in chunks: (data, start, end, offset), the line being `data[start:end]` (no newline) at
-    byte `offset` of the file. A last line without its newline comes with `end == len(data)`;
-    every other line has its newline at `data[end]`."""
-    handle.seek(position)
-    rest = b""
-    while chunk := handle.read(_CHUNK if stop is None else max(0, min(_CHUNK, stop - position - len(rest)))):
-        data, start = rest + chunk, 0
-        while (end := data.find(b"\n", start)) != -1:
-            yield data, start, end, position + start
-            start = end + 1
-        position, rest = position + start, data[start:]
-    if rest:
-        yield rest, 0, len(rest), position
-
-
-# -- usage: what `budget:` counts ---------------------------------------------------
-
-
-@dataclass
-class Usage:
-    """The model answers among a journal file's lines and their tokens. Every answer line
-    counts, a key answered twice (a longer `max_tokens`, a merge) twice: each was paid for.
-    Lines cut short by a crash and code executions count nothing."""
-
-    answers: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    def add(self, tokens: Tokens | None) -> None:
-        if tokens is not None:
-            self.answers += 1
-            self.prompt_tokens += tokens[0]
-            self.completion_tokens += tokens[1]
-
-
-def usage_by_shard(directory: Path) -> dict[str, Usage]:
-    """The `Usage` of each journal file, by shard name: what its index file says of the bytes
-    it still covers, and the rest read (the whole file without a trusted index). Needs no
-    open journal and writes nothing."""
-    directory = Path(directory)
-    usage: dict[str, Usage] = {}
-    names = sorted(name for name in os.listdir(directory) if name.endswith(".jsonl")) if directory.is_dir() else []
-    for name in names:
-        shard, path = name[: -len(".jsonl")], os.path.join(directory, name)
-        indexed = _read_index_file(os.path.join(index_directory(directory), f"{shard}.idx"), path)
-        if indexed is None:
-            usage[shard] = _add_usage(path, 0, Usage())
-        else:
-            usage[shard] = _add_usage(path, indexed.covered, indexed.usage)
-    return usage
-
-
-def _add_usage(path: str, position: int, usage: Usage, stop: int | None = None) -> Usage:
-    """`usage` with the lines of the file from `position` to `stop` (its end when None) added."""
-    try:
-        with open(path, "rb") as handle:
-            for data, start, end, _ in _lines(handle, position, stop):
-                if (entry := _entry_of(data, start, end, complete=end < len(data))) is not None:
-                    usage.add(entry[1])
-    except FileNotFoundError:
-        pass
-    return usage
-
-
-# -- index files -------------------------------------------------------------------
-
-
-@dataclass
-class _IndexFile:
-    covered: int  # the bytes of the JSONL file it describes
-    entries: np.ndarray  # of _ENTRY
-    usage: Usage  # the usage of the lines it covers
-
-
-def _read_index_file(path: str, journal_path: str) -> _IndexFile | None:
-    """An index file when it still describes the start of its JSONL file."""
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-        magic, covered, count, head, tail, digest = _HEADER.unpack_from(data)
-    except (OSError, struct.error):
-        return None
-    start = _HEADER.size + _USAGE.size
-    if (magic != _MAGIC or len(data) - start != count * _ENTRY.itemsize
-            or _digest(memoryview(data)[_HEADER.size :]) != digest):
-        log.warning("%s: damaged index file, the shard is read again", path)
-        return None
-    if _probe(journal_path, covered) != (head, tail):
-        log.info("%s changed since its index was written (replaced or cut): read again", journal_path)
-        return None
-    usage = Usage(*_USAGE.unpack_from(data, _HEADER.size))
-    return _IndexFile(covered, np.frombuffer(data, _ENTRY, count, start), usage)
-
-
-def _digest(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=16).digest()
-
-
-def _probe(path: str, covered: int) -> tuple[bytes, bytes] | None:
-    """Digests of the first and the last bytes of the file's first `covered` bytes."""
-    try:
-        with open(path, "rb", buffering=0) as handle:
-            if os.fstat(handle.fileno()).st_size < covered:
-                return None
-            head = os.pread(handle.fileno(), min(_PROBE, covered), 0)
-            tail = os.pread(handle.fileno(), min(_PROBE, covered), max(0, covered - _PROBE))
-    except FileNotFoundError:
-        return None
-    return _digest(head), _digest(tail)
 
 
 @dataclass
@@ -386,7 +208,7 @@ class RequestJournal:
             return None
         shard.covered = shard.persisted = indexed.covered
         if indexed.usage is not None:
-            shard.usage = indexed.usage
+            shard.usage = Usage(*indexed.usage)
         else:  # an index file from before the usage was in it: its lines are counted once, and it is rewritten
             shard.usage = _add_usage(shard.path, 0, Usage(), stop=indexed.covered)
             shard.persisted = 0

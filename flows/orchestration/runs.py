@@ -12,13 +12,13 @@ from prefect.serializers import PickleSerializer
 from schemas.recipe import Recipe
 
 
-# How the flow process's stage tasks keep their results: persisted, so that a rerun's cache
-# hits read them back, and not also in Prefect's in-memory result cache, which holds up to
-# 1,000 results (here every shard's answers, for the whole run). Pickled by the standard
+# How shard tasks keep their results: persisted, so that a rerun's cache hits read them back,
+# and, on the flow's event loop, not also in Prefect's in-memory result cache, which holds up
+# to 1,000 results (here every shard's answers, for the whole run). Pickled by the standard
 # library, not Prefect's default cloudpickle: the results are module-level classes, and
 # Prefect pickles them on the event loop while requests wait (a shard's 500 graded answers:
-# 7 ms instead of 10). A whole-shard task on a Dask or Ray worker keeps the defaults: its
-# value travels back to the flow in memory.
+# 7 ms instead of 10). A shard task on a Dask or Ray worker keeps its value in memory
+# (`cache_result_in_memory`): it travels back to the flow that way.
 PERSISTED = {"persist_result": True, "cache_result_in_memory": False,
              "result_serializer": PickleSerializer(picklelib="pickle")}
 

@@ -5,7 +5,7 @@ Out: a folder that `datasets.load_dataset(str(folder))` loads offline:
 
     folder/
       data/{split}-00000-of-0000N.parquet   zstd, written with exactly `features.arrow_schema`
-      README.md                             dataset card: YAML `configs`, `dataset_info`, sizes
+      README.md                             dataset card (card.py): YAML `configs`, `dataset_info`, sizes
       manifest.json                         row counts, sha256 per file, overall checksum
 
 The folder is built in a hidden sibling (`.{name}.tmp-<pid>`) and swapped in only once
@@ -29,7 +29,7 @@ import shutil
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -38,10 +38,8 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pydantic
-from datasets.info import DatasetInfosDict
-from datasets.splits import SplitDict, SplitInfo
-from datasets.utils.metadata import MetadataConfigs
-from huggingface_hub import DatasetCard, DatasetCardData
+
+from flows.publishing.card import DatasetCardInfo, write_card
 
 FeatureType = datasets.Value | datasets.List | dict[str, Any]
 
@@ -56,26 +54,6 @@ ROW_GROUP_BYTES = 100 * 1024 * 1024
 _WRITE_BATCH_ROWS = 1024  # pyarrow's Parquet `write_batch_size`: a column chunk is encoded that many rows at a time
 
 _SCALARS: dict[type, str] = {str: "string", bool: "bool", int: "int64", float: "float64"}
-_SIZE_CATEGORIES = [
-    (1_000, "n<1K"),
-    (10_000, "1K<n<10K"),
-    (100_000, "10K<n<100K"),
-    (1_000_000, "100K<n<1M"),
-    (10_000_000, "1M<n<10M"),
-    (100_000_000, "10M<n<100M"),
-    (1_000_000_000, "100M<n<1B"),
-    (10_000_000_000, "1B<n<10B"),
-]
-
-
-@dataclass(frozen=True)
-class DatasetCardInfo:
-    """What the README says about the dataset, besides what is computed from the data."""
-
-    title: str  # e.g. "demo — DualDistill composites"
-    description: str  # one paragraph: what a row is
-    sections: dict[str, str]  # section title -> markdown body, rendered in insertion order
-    tags: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -186,7 +164,7 @@ def publish_dataset(
     shutil.rmtree(staging, ignore_errors=True)
     try:
         written = _write_data_files(staging, rows, features, rows_per_file, split)
-        _write_card(staging / "README.md", card, features, written, split)
+        write_card(staging / "README.md", card, features, written, split)
         checksum = _write_manifest(staging / "manifest.json", features, written, split)
         _swap_into_place(staging, folder)
     except BaseException:
@@ -426,53 +404,7 @@ def _swap_into_place(staging: Path, folder: Path) -> None:
     shutil.rmtree(retired)
 
 
-# --- README.md and manifest.json ---------------------------------------------------
-
-
-def _write_card(
-    path: Path,
-    card: DatasetCardInfo,
-    features: datasets.Features,
-    written: list[_WrittenFile],
-    split: str,
-) -> None:
-    num_rows = sum(w.rows for w in written)
-    data = DatasetCardData(
-        pretty_name=card.title,
-        size_categories=[_size_category(num_rows)],
-        tags=list(card.tags) or None,
-    )
-    configs = {"default": {"data_files": [{"split": split, "path": f"data/{split}-*"}]}}
-    MetadataConfigs(configs).to_dataset_card_data(data)
-    info = _dataset_info(features, written, split)
-    DatasetInfosDict({"default": info}).to_dataset_card_data(data)
-    body = "\n\n".join(
-        [f"# {card.title}", card.description.strip()]
-        + [f"## {title}\n\n{text.strip()}" for title, text in card.sections.items()]
-    )
-    DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n").save(path)
-
-
-def _dataset_info(
-    features: datasets.Features, written: list[_WrittenFile], split: str
-) -> datasets.DatasetInfo:
-    arrow_bytes = sum(w.arrow_bytes for w in written)
-    num_rows = sum(w.rows for w in written)
-    splits = SplitDict()
-    splits.add(SplitInfo(name=split, num_bytes=arrow_bytes, num_examples=num_rows))
-    return datasets.DatasetInfo(
-        features=features,
-        splits=splits,
-        download_size=sum(w.file_bytes for w in written),
-        dataset_size=arrow_bytes,
-    )
-
-
-def _size_category(num_rows: int) -> str:
-    for bound, label in _SIZE_CATEGORIES:
-        if num_rows < bound:
-            return label
-    return "10B<n<100B"
+# --- manifest.json (README.md: see card.py) ------------------------------------
 
 
 def _write_manifest(
