@@ -13,7 +13,7 @@ from functools import lru_cache
 from importlib.metadata import version
 from typing import Any, NamedTuple
 
-from flows.grading.extraction import boxed_answers, extract_final_answer
+from flows.grading.extraction import boxed_answers, extract_final_answer, visible_text
 from flows.grading.forms import (
     MIN_SIGNIFICANT_DIGITS,
     assignment,
@@ -280,17 +280,21 @@ def _decimal_against_exact(answer: str, gold: str, answer_value: Any, gold_value
 
 
 def math_verify_alone(response: str, gold: str) -> Outcome:
-    """math-verify as its own README grades: the whole response parsed as it comes, the gold
-    read in a `\\boxed{}`; our extraction, rules and exact arithmetic play no part. The
-    second opinion of `distillery grade --audit` and of every run's `math_verify_correct`."""
+    """math-verify as its own README grades — the gold read in a `\\boxed{}`, the answer text
+    parsed as it comes — on the text a grader may read: outside <think>, <code> and
+    <executor> (a value only in reasoning or program output is no answer, for either grader;
+    and parsing whole reasoning traces would cost ~2 ms an answer). Our extraction of the
+    final answer, our rules and our exact arithmetic play no part. The second opinion of
+    `distillery grade --audit` and of every run's `math_verify_correct`."""
     from math_verify import parse, verify
 
-    expected = parse(f"\\boxed{{{gold}}}", parsing_timeout=None)
-    given = parse(response, parsing_timeout=None)
+    visible, _ = visible_text(response)
+    expected = _parsed(gold)  # the same gold for every sample of a problem: parsed once
+    given = parse(visible, parsing_timeout=None)
     status = _PARSE_STATUS[_value(tuple(given)) is not None, _value(tuple(expected)) is not None]
     if not (given and expected):
         return Outcome(False, _UNPARSED_NOTE[status], "math_verify", status)
-    return Outcome(bool(verify(expected, given, timeout_seconds=None)), "", "math_verify", status)
+    return Outcome(bool(verify(list(expected), given, timeout_seconds=None)), "", "math_verify", status)
 
 
 def _run_equivalence(equivalence: Equivalence, answer: str, gold: str) -> Outcome:

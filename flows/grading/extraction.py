@@ -20,7 +20,7 @@ NO_ANSWER = "no_answer: no <answer> tag and no \\boxed{} outside <think>/<code>/
 
 def extract_final_answer(text: str) -> tuple[str | None, str]:
     """The final answer of a tagged response and where it came from (see `flows.grading`)."""
-    visible, unclosed = _visible_text(text)
+    visible, unclosed = visible_text(text)
     blocks = _ANSWER_BLOCK.findall(visible)
     if blocks:
         boxed = _last_boxed(blocks[-1])
@@ -43,7 +43,7 @@ def extract_final_answer(text: str) -> tuple[str | None, str]:
 def boxed_answers(text: str) -> list[str]:
     """Every complete `\\boxed{…}` where the final answer is read from: the last <answer>
     block when it has one, else the text outside reasoning and tool traffic."""
-    visible, _ = _visible_text(text)
+    visible, _ = visible_text(text)
     blocks = _ANSWER_BLOCK.findall(visible)
     region = blocks[-1] if blocks and _BOX.search(blocks[-1]) else visible
     found = []
@@ -72,7 +72,7 @@ def _math_in_prose(block: str) -> str | None:
     return next(group for group in last.groups() if group is not None).strip()
 
 
-def _visible_text(text: str) -> tuple[str, str | None]:
+def visible_text(text: str) -> tuple[str, str | None]:
     """Text outside <think>, <code> and <executor> blocks, and the tag left unclosed."""
     pos = 0
     # Chat templates often put <think> in the prompt, so the response opens mid-thought.
