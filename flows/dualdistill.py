@@ -44,7 +44,7 @@ from flows.orchestration.on_worker import add_stats, budget_stop, dualdistill_sh
 from flows.orchestration.progress import RunProgress
 from flows.orchestration.runs import PERSISTED, flow_run_name, forget_links, push_to_hub_task
 from flows.orchestration.task_runners import Finished, for_workers, map_here, map_on_workers, workers
-from flows.publishing.outputs import publish_outputs, row_spool
+from flows.publishing.outputs import preload_publishing, publish_outputs, row_spool
 from flows.publishing.report import RunSummary, combine, summarise, summary_markdown
 from flows.publishing.spool import RowSpool
 from flows.publishing.storage import check_output, output_location, pull_state, push_outputs, push_state, result_storage
@@ -186,6 +186,7 @@ async def _dualdistill(recipe: Recipe, started: float) -> dict:
     progress = RunProgress(recipe.state_dir, recipe.run_name, "dualdistill")
     spool = row_spool(recipe)
     spool.clear()
+    preloaded = asyncio.create_task(asyncio.to_thread(preload_publishing))  # `datasets` (~1 s) while teachers answer
     async with workers(recipe.execution) as runner:  # None: this process's event loop
         outcomes, stats, sandbox = await _run_shards(runner, recipe, answer_scopes, progress, spool, shards)
     stopped = budget_stop(outcomes)
@@ -203,6 +204,7 @@ async def _dualdistill(recipe: Recipe, started: float) -> dict:
     summary.contaminated = counts_by_benchmark(recipe.decontaminate, shards.set_aside)
     summary.sent_this_run = {role: s.sent for role, s in stats.items()}
     summary.reused_across_budget = {role: s.reused_across_budget for role, s in stats.items()}
+    await preloaded
     summary.datasets = await publish_task(quote(recipe), quote(summary), quote(spool), quote(shards.set_aside))
     spool.remove()
     summary.wall_s = round(time.perf_counter() - started, 2)
