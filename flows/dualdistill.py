@@ -107,7 +107,7 @@ async def _run_shards(
     # here, the value is read back from its file, so Prefect keeps no finished shard in memory; on
     # a cluster it travels back in memory
     task_ = shard_task.with_options(retries=recipe.shard_retries, result_storage=result_storage(recipe),
-                                cache_result_in_memory=runner is not None)
+                                    cache_result_in_memory=runner is not None)
     figures: dict[int, RunSummary] = {}
     sandbox = runtime.sandbox.name if runtime is not None else "unknown"
 

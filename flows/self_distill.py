@@ -109,7 +109,7 @@ async def _round_shards(runner, recipe: Recipe, student: StudentSpec, reused, pr
     # here, the value is read back from its file, so Prefect keeps no finished shard in memory; on
     # a cluster it travels back in memory
     task_ = round_shard_task.with_options(retries=recipe.shard_retries, result_storage=result_storage(recipe),
-                                cache_result_in_memory=runner is not None)
+                                          cache_result_in_memory=runner is not None)
     teachers = teacher_scope(recipe, reused)
     transitions = load_prompt(recipe.self_distill.transitions).digest
 
