@@ -6,6 +6,7 @@
     distillery leakage RECIPE.yaml  check whether a teacher's trait leaks into number sequences
                                     (exit code 3 on a leak with leakage.fail_on_leak: true)
     distillery grade FILE.jsonl     re-grade lines with `answer` and `response` (JSONL out)
+    distillery export DATASET --tokenizer T --to OUT   pre-tokenize a dataset for TRL's SFTTrainer
     distillery check RECIPE.yaml    validate a recipe and count its problems, calling no model
     distillery plan RECIPE.yaml     requests, tokens, time and cost per role before a run (a pilot if asked)
     distillery status OUTPUT_DIR    progress of a run (running or finished, started anywhere)
@@ -157,6 +158,27 @@ def grade(
         _fail(str(exc))
     except (OSError, UnicodeDecodeError) as exc:
         _fail(f"{file}: {getattr(exc, 'strerror', None) or exc}")
+
+
+@app.command()
+def export(
+    dataset: Path = typer.Argument(..., help="a published dataset folder, e.g. out/demo/composites"),
+    tokenizer: str = typer.Option(..., help="a name or folder for AutoTokenizer, a .gguf file or the embedded model"),
+    to: Path = typer.Option(..., "--to", help="the folder to write (replaced only if it is an earlier export)"),
+    max_length: int | None = typer.Option(None, help="drop (never cut) rows longer than this many tokens"),
+) -> None:
+    """Write DATASET pre-tokenized for TRL's SFTTrainer: input_ids and labels (-100 where
+    `train_detail` says not to train), with a README naming the source, tokenizer and counts."""
+    from flows.training.export import ExportError, export_dataset
+
+    try:
+        result = export_dataset(dataset, tokenizer, to, max_length=max_length)
+    except (ExportError, OSError) as exc:
+        _fail(str(exc))
+    typer.echo(
+        f"{result.rows} rows to {result.path} ({result.too_long} longer than --max-length and "
+        f"{result.untrained} with nothing trained dropped; longest {result.longest} tokens)"
+    )
 
 
 @app.command()
