@@ -117,8 +117,6 @@ def export_dataset(
     import datasets
     import pyarrow.parquet as pq
 
-    from flows.publishing.parquet import read_dataset_rows
-
     source, out = Path(source), Path(out)
     if max_length is not None and max_length < 1:
         raise ExportError(f"--max-length must be at least 1, got {max_length}")
@@ -128,7 +126,8 @@ def export_dataset(
         raise ExportError(f"{out}: exists and is not an earlier export; choose another --to")
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_name)
     try:
-        columns, counts = tokenize_rows(read_dataset_rows(source), tokenizer, max_length)
+        rows = (row for path in sorted((source / "data").glob("*.parquet")) for row in pq.read_table(path).to_pylist())
+        columns, counts = tokenize_rows(rows, tokenizer, max_length)
     except ValueError as exc:  # spans that do not tile a content, a content the template changes
         raise ExportError(f"{source}: {exc}") from exc
     result = ExportResult(
