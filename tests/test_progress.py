@@ -155,3 +155,30 @@ def test_journal_figures_by_role(tmp_path):
     roles = journal_by_role(journal)
     assert {role: (r["files"], r["entries"], r["answers"], r["completion_tokens"]) for role, r in roles.items()} == {
         "tool": (2, 4, 3, 6), "student": (1, 1, 1, 2), "trait": (1, 2, 2, 4)}
+
+
+def test_a_run_without_logs_hides_third_party_bars_and_warnings(monkeypatch):
+    import logging
+    import os
+    import warnings
+
+    import datasets
+
+    from flows.orchestration.terminal import quiet_third_party
+
+    variables = ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY", "TQDM_DISABLE")
+    for name in variables:
+        monkeypatch.setenv(name, "")  # recorded, so the test leaves the environment as it was
+        monkeypatch.delenv(name)
+    datasets.enable_progress_bars()
+    try:
+        with warnings.catch_warnings():
+            quiet_third_party()
+            assert not datasets.is_progress_bar_enabled()
+            assert logging.getLogger("transformers").getEffectiveLevel() == logging.ERROR
+            assert [os.environ[name] for name in variables] == ["1", "error", "1"]
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.warn("soon gone", FutureWarning)
+            assert caught == []
+    finally:
+        datasets.enable_progress_bars()

@@ -38,6 +38,28 @@ def quiet_prefect_console() -> None:
     os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     logging.getLogger("distributed").setLevel(logging.WARNING)
+    quiet_third_party()
+
+
+def quiet_third_party() -> None:
+    """No progress bars or chatter of the libraries a run uses between our own progress bars:
+    `datasets`' "Generating train split", `huggingface_hub`'s and transformers' bars and info
+    lines ("Loading weights"), the GGUF conversion's bars, and `FutureWarning`s. Errors and our
+    own warnings still print; `--logs` keeps everything."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF conversion's and any other tqdm bar
+    for name in ("datasets", "transformers", "huggingface_hub", "filelock"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:  # a job that never publishes
+        pass
 
 
 def _rate(stage: dict[str, Any]) -> str:
