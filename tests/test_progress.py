@@ -182,3 +182,14 @@ def test_a_run_without_logs_hides_third_party_bars_and_warnings(monkeypatch):
             assert caught == []
     finally:
         datasets.enable_progress_bars()
+
+
+def test_quieting_does_not_import_datasets_yet_its_bars_stay_hidden():
+    """`datasets` costs ~1 s to import: quieting it must not import it before the first request."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from flows.orchestration.terminal import quiet_third_party; quiet_third_party(); "
+              "assert 'datasets' not in sys.modules; import datasets; assert not datasets.is_progress_bar_enabled()")
+    env = {k: v for k, v in os.environ.items() if k != "HF_DATASETS_DISABLE_PROGRESS_BARS"}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -52,14 +53,12 @@ def quiet_third_party() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF conversion's and any other tqdm bar
+    # read when `datasets` is first imported; not imported here (~1 s before the first request)
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     for name in ("datasets", "transformers", "huggingface_hub", "filelock"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        import datasets
-
-        datasets.disable_progress_bars()
-    except ImportError:  # a job that never publishes
-        pass
+    if "datasets" in sys.modules:  # imported already: the variable above came too late
+        sys.modules["datasets"].disable_progress_bars()
 
 
 def _rate(stage: dict[str, Any]) -> str:
