@@ -16,10 +16,11 @@ each finished shard to the spool (flows/publishing/spool.py), datasets published
 the end, summary written. A shard's pipeline — [tool teacher ‖ reasoning teacher] → grade →
 stitch — is flows/stages/dualdistill_shard.py, the same code wherever the shard runs: on
 this process's event loop (`execution: threads`, the default) with the flow's teachers, or
-on a Dask or Ray worker with teachers of its own (flows/orchestration/on_worker.py). A shard
-task is cached by the content of its inputs; every request is journaled, so a rerun after a
-failure sends only what is missing. A shard that fails does not stop the others; the run
-then fails with a message naming the stage, the endpoint and the error, and publishes nothing.
+on a Dask or Ray worker with teachers of its own (`dualdistill_shard` below, with
+flows/orchestration/on_worker.py). A shard task is cached by the content of its inputs;
+every request is journaled, so a rerun after a failure sends only what is missing. A shard
+that fails does not stop the others; the run then fails with a message naming the stage,
+the endpoint and the error, and publishes nothing.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from flows.inputs.prompts import load_prompt
 from flows.models.client import ClientStats
 from flows.models.keys import content_key
 from flows.orchestration import run_lock
-from flows.orchestration.on_worker import add_stats, budget_stop, dualdistill_shard, mirror_id
+from flows.orchestration.on_worker import add_stats, budget_stop, mirror_id, on_worker, process_grader, watch_other_shards
 from flows.orchestration.progress import RunProgress
 from flows.orchestration.runs import PERSISTED, flow_run_name, forget_links, push_to_hub_task
 from flows.orchestration.task_runners import Finished, for_workers, map_here, map_on_workers, workers
@@ -48,7 +49,7 @@ from flows.publishing.outputs import preload_publishing, publish_outputs, row_sp
 from flows.publishing.report import RunSummary, combine, summarise, summary_markdown
 from flows.publishing.spool import RowSpool
 from flows.publishing.storage import check_output, output_location, pull_state, push_outputs, push_state, result_storage
-from flows.stages.dualdistill_shard import ROLES, ShardOutcome
+from flows.stages.dualdistill_shard import ROLES, ShardOutcome, answer_grade_stitch
 from flows.stages.shards import ShardFailed, key_parameter, scoped_run_token, shard_name, shards_at_once
 from flows.teachers.runtime import Runtime, build_runtime, teacher_fingerprint
 from schemas.recipe import Recipe, flow_recipe
@@ -73,6 +74,27 @@ async def shard_task(key: str, recipe: Recipe, index: int, problems: list[Proble
     worker (no runtime), with teachers of its own."""
     on_answer = (lambda role: progress.ticker(f"answer[{role}]", shard_name(index))) if progress else (lambda role: None)
     return await dualdistill_shard(recipe, index, problems, runtime, flow_mirror, on_answer)
+
+
+async def dualdistill_shard(
+    recipe: Recipe, index: int, problems: list[Problem], runtime: Runtime | None = None,
+    flow_mirror: str | None = None, on_answer=lambda role: None,  # noqa: ANN001 - see answer_grade_stitch
+) -> ShardOutcome:
+    """DualDistill shard `index` on the flow's `runtime`, or, with none (a worker), on one of
+    its own. `flow_mirror`: the flow's `mirror_id` (see `on_worker`)."""
+    if runtime is not None:
+        return await answer_grade_stitch(recipe, index, problems, runtime, process_grader(), on_answer)
+
+    async def work() -> ShardOutcome:
+        own = build_runtime(recipe)
+        watch_other_shards(own.budget)
+        try:
+            return await answer_grade_stitch(recipe, index, problems, own, process_grader())
+        finally:
+            await own.aclose()
+
+    return await on_worker(recipe, flow_mirror, work)
+
 
 
 @task(name="publish")

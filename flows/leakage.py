@@ -24,7 +24,9 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import polars as pl
 from prefect import flow, get_run_logger, task
@@ -42,7 +44,7 @@ from flows.models.embedded import EmbeddedServer
 from flows.models.journal import RequestJournal
 from flows.models.keys import content_key
 from flows.orchestration import run_lock
-from flows.orchestration.on_worker import NumbersOutcome, add_stats, budget_stop, mirror_id, numbers_shard
+from flows.orchestration.on_worker import add_stats, budget_stop, mirror_id, on_worker, watch_other_shards
 from flows.orchestration.progress import RunProgress
 from flows.orchestration.runs import PERSISTED, flow_run_name, forget_links, push_to_hub_task
 from flows.orchestration.task_runners import Finished, for_workers, map_on_workers, workers
@@ -62,6 +64,40 @@ from schemas.recipe import Recipe, flow_recipe
 async def completions_task(key: str, teacher: NumberTeacher, client: ModelClient, prompts: list[NumberPrompt],
                            shard: str, progress: RunProgress) -> list[dict]:
     return await complete_shard(teacher, client, prompts, shard, on_done=progress.ticker(f"numbers[{teacher.name}]", shard))
+
+
+@dataclass
+class NumbersOutcome:
+    rows: list[dict[str, Any]]  # one per prompt (number_generation.complete_prompts)
+    stats: ClientStats  # the teacher's requests
+
+
+async def numbers_shard(
+    recipe: Recipe, teacher: str, prompts: list[NumberPrompt], shard: str, flow_mirror: str | None = None,
+) -> NumbersOutcome:
+    """The leakage job's `teacher` ("trait" or "control") completes one shard of prompts on a
+    worker, with a client of its own."""
+    async def work() -> NumbersOutcome:
+        (numbers,) = [t for t in number_teachers(recipe) if t.name == teacher]
+        journal = RequestJournal(journal_dir(recipe))
+        servers: list[EmbeddedServer] = []
+        budget = leakage_budget(recipe)
+        watch_other_shards(budget)
+        client = numbers.client(journal, servers, budget)
+        try:
+            rows = await complete_shard(numbers, client, prompts, shard)
+        except GenerationFailed:
+            if budget is not None and budget.stopped:  # the cap, not the endpoint, left prompts unanswered
+                raise budget.stop() from None
+            raise
+        finally:
+            await client.aclose()
+            for server in servers:
+                server.stop()
+            journal.close()
+        return NumbersOutcome(rows, client.stats)
+
+    return await on_worker(recipe, flow_mirror, work)
 
 
 @task(name="number-shard", cache_key_fn=key_parameter, persist_result=True, retry_delay_seconds=5)

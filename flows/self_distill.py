@@ -16,7 +16,7 @@ rules) → teacher part (generate or reuse) → examples; then publish, summaris
 A shard's pipeline is flows/stages/self_distillation.py (`sample_select_complete`), the same
 code wherever the shard runs: on this process's event loop with the flow's student and
 teachers, or, with `execution: {task_runner: dask | ray}`, on a worker with its own
-(flows/orchestration/on_worker.py). Every request is journaled and each shard is cached by
+(`round_shard`, with flows/orchestration/on_worker.py). Every request is journaled and each shard is cached by
 content, so a rerun sends only what is missing; a finished round (its datasets and its
 trained student) is not redone. Training stays in the flow's process, between rounds.
 """
@@ -42,7 +42,7 @@ from flows.inputs.prompts import load_prompt
 from flows.models.client import ClientStats
 from flows.models.keys import content_key
 from flows.orchestration import run_lock
-from flows.orchestration.on_worker import add_stats, budget_stop, mirror_id, round_shard
+from flows.orchestration.on_worker import add_stats, budget_stop, mirror_id, on_worker, process_grader, watch_other_shards
 from flows.orchestration.progress import RunProgress
 from flows.orchestration.runs import PERSISTED, flow_run_name, forget_links, push_to_hub_task
 from flows.orchestration.task_runners import Finished, for_workers, map_here, map_on_workers, workers
@@ -52,7 +52,7 @@ from flows.publishing.self_distill_outputs import publish_round, round_spool
 from flows.publishing.spool import RowSpool
 from flows.publishing.storage import check_output, output_location, pull_state, push_outputs, push_state, result_storage
 from flows.stages.selection import round_stats
-from flows.stages.self_distillation import RoundShardOutcome, reuse_index
+from flows.stages.self_distillation import RoundShardOutcome, TeacherKey, reuse_index, sample_select_complete
 from flows.stages.shards import key_parameter, scoped_run_token, shard_name, shards_at_once
 from flows.teachers.students import (
     StudentRuntime,
@@ -64,7 +64,7 @@ from flows.teachers.students import (
 )
 from flows.training.trainers import make_trainer
 from schemas.recipe import Recipe, StudentSpec, flow_recipe
-from schemas.records import Problem
+from schemas.records import GradedTrajectory, Problem
 
 STAGE_VERSION = "1"
 
@@ -86,6 +86,29 @@ async def round_shard_task(key: str, recipe: Recipe, student: StudentSpec, reuse
     flow's student `runtime`, or, on a Dask or Ray worker (no runtime), with one of its own."""
     on_sample = progress.ticker(f"sample[r{round_number}]", f"r{round_number}-{shard_name(index)}") if progress else None
     return await round_shard(recipe, student, reused, round_number, index, problems, runtime, flow_mirror, on_sample)
+
+
+async def round_shard(
+    recipe: Recipe, student: StudentSpec, reused: dict[TeacherKey, GradedTrajectory] | None, round_number: int,
+    index: int, problems: list[Problem], runtime: StudentRuntime | None = None, flow_mirror: str | None = None,
+    on_sample=None,  # noqa: ANN001 - see sample_select_complete
+) -> RoundShardOutcome:
+    """Self-distillation shard `index` of round `round_number` on the flow's `runtime`, or,
+    with none, on a student runtime of its own. `reused`: the reused teacher parts of this
+    shard's problems, or None to generate."""
+    if runtime is not None:
+        return await sample_select_complete(recipe, runtime, process_grader(), round_number, index, problems,
+                                            on_sample)
+
+    async def work() -> RoundShardOutcome:
+        own = build_student_runtime(recipe, student, reused)
+        watch_other_shards(own.budget)
+        try:
+            return await sample_select_complete(recipe, own, process_grader(), round_number, index, problems)
+        finally:
+            await own.aclose()
+
+    return await on_worker(recipe, flow_mirror, work)
 
 
 def _spool_rows(spool: RowSpool, index: int, outcome: RoundShardOutcome) -> None:

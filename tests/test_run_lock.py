@@ -154,7 +154,7 @@ def test_a_worker_shard_writes_under_the_flows_lock_and_takes_none(tmp_path):
     import asyncio
 
     from flows.inputs.problem_shards import load_problems
-    from flows.orchestration.on_worker import dualdistill_shard as run_shard
+    from flows.dualdistill import dualdistill_shard as run_shard
     from schemas.recipe import load_recipe
 
     rows = write_problems(tmp_path / "problems.jsonl", per_kind=1)

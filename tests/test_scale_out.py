@@ -19,7 +19,7 @@ from flows.models.budget import BudgetReached
 from flows.models.client import ModelRequestError
 from flows.orchestration.task_runners import TaskRunnerUnavailable, build_task_runner, map_on_workers
 from flows.orchestration.on_worker import WorkerError, portable
-from flows.orchestration.on_worker import dualdistill_shard as run_shard
+from flows.dualdistill import dualdistill_shard as run_shard
 from flows.stages.shards import ShardFailed
 from schemas.recipe import ExecutionSpec, load_recipe
 

@@ -1,17 +1,18 @@
-"""Shards on a Dask or Ray worker, and what every such shard shares with the flow.
+"""What a shard on a Dask or Ray worker needs, whichever job it belongs to.
 
-- `dualdistill_shard`, `round_shard`, `numbers_shard`: a shard of each job as a flow's task
-  runs it. On the flow's own event loop (`execution: threads`) the shard uses the flow's
-  runtime; on a worker, nothing of the flow's process is there (live clients, the sandbox,
-  embedded servers, the progress file), so it builds its own clients from the recipe on the
-  shared journal folder, runs the same stage function (flows/stages/dualdistill_shard.py,
-  flows/stages/self_distillation.py, the number teachers' `complete`), closes everything and
-  returns picklable records. Each worker-side shard has its own clients, so the recipe's
-  `max_concurrency` holds per shard in flight (per worker on a local cluster). Answers
-  already journaled (by any run, any worker) are replayed, not sent. `budget:` caps are
-  checked against the journal as it stands plus this shard's requests, and every 0.5 s
-  against what the other shards have spent since (`Budget.watch_others`). Each shard that
-  has a request for an embedded model starts its own llama.cpp server.
+A shard of each job runs as the job's flow file says (`dualdistill_shard` in
+flows/dualdistill.py, `round_shard` in flows/self_distill.py, `numbers_shard` in
+flows/leakage.py). On the flow's own event loop (`execution: threads`) it uses the flow's
+runtime; on a worker, nothing of the flow's process is there (live clients, the sandbox,
+embedded servers, the progress file), so it builds its own clients from the recipe on the
+shared journal folder, runs the same stage function, closes everything and returns picklable
+records. Each worker-side shard has its own clients, so the recipe's `max_concurrency` holds
+per shard in flight (per worker on a local cluster). Answers already journaled (by any run,
+any worker) are replayed, not sent. `budget:` caps are checked against the journal as it
+stands plus this shard's requests, and every 0.5 s against what the other shards have spent
+since (`watch_other_shards`). Each shard that has a request for an embedded model starts its
+own llama.cpp server. Here:
+
 - `on_worker`: around a worker-side shard. For a URL `output_dir`, a worker on another
   machine (its mirror is not the flow's) pulls the URL's journal into its own mirror first
   and pushes its journal after, so a shard retried on another machine still replays what
@@ -36,25 +37,15 @@ import pickle
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from flows.grading import Grader
-from flows.inputs.number_prompts import NumberPrompt
 from flows.models.budget import Budget, BudgetReached
 from flows.models.client import ClientStats
-from flows.models.embedded import EmbeddedServer
-from flows.models.journal import RequestJournal
 from flows.publishing.storage import pull_state, push_state
-from flows.stages.dualdistill_shard import ShardOutcome, answer_grade_stitch
-from flows.stages.number_generation import GenerationFailed, complete_shard
-from flows.stages.self_distillation import RoundShardOutcome, TeacherKey, sample_select_complete
 from flows.stages.shards import ShardFailed
-from flows.teachers.number_teachers import leakage_budget, number_teachers
-from flows.teachers.runtime import Runtime, build_runtime, journal_dir
-from flows.teachers.students import StudentRuntime, build_student_runtime
-from schemas.recipe import Recipe, StudentSpec
-from schemas.records import GradedTrajectory, Problem
+from flows.teachers.runtime import journal_dir
+from schemas.recipe import Recipe
 
 T = TypeVar("T")
 
@@ -83,84 +74,7 @@ async def on_worker(recipe: Recipe, flow_mirror: str | None, work: Callable[[], 
     raise travelling  # outside the `except`: no __context__ pointing at the original (it may not pickle)
 
 
-async def dualdistill_shard(
-    recipe: Recipe, index: int, problems: list[Problem], runtime: Runtime | None = None,
-    flow_mirror: str | None = None, on_answer=lambda role: None,  # noqa: ANN001 - see answer_grade_stitch
-) -> ShardOutcome:
-    """DualDistill shard `index` on the flow's `runtime`, or, with none (a worker), on one of
-    its own. `flow_mirror`: the flow's `mirror_id` (see `on_worker`)."""
-    if runtime is not None:
-        return await answer_grade_stitch(recipe, index, problems, runtime, process_grader(), on_answer)
-
-    async def work() -> ShardOutcome:
-        own = build_runtime(recipe)
-        _watch_other_shards(own.budget)
-        try:
-            return await answer_grade_stitch(recipe, index, problems, own, process_grader())
-        finally:
-            await own.aclose()
-
-    return await on_worker(recipe, flow_mirror, work)
-
-
-async def round_shard(
-    recipe: Recipe, student: StudentSpec, reused: dict[TeacherKey, GradedTrajectory] | None, round_number: int,
-    index: int, problems: list[Problem], runtime: StudentRuntime | None = None, flow_mirror: str | None = None,
-    on_sample=None,  # noqa: ANN001 - see sample_select_complete
-) -> RoundShardOutcome:
-    """Self-distillation shard `index` of round `round_number` on the flow's `runtime`, or,
-    with none, on a student runtime of its own. `reused`: the reused teacher parts of this
-    shard's problems, or None to generate."""
-    if runtime is not None:
-        return await sample_select_complete(recipe, runtime, process_grader(), round_number, index, problems,
-                                            on_sample)
-
-    async def work() -> RoundShardOutcome:
-        own = build_student_runtime(recipe, student, reused)
-        _watch_other_shards(own.budget)
-        try:
-            return await sample_select_complete(recipe, own, process_grader(), round_number, index, problems)
-        finally:
-            await own.aclose()
-
-    return await on_worker(recipe, flow_mirror, work)
-
-
-@dataclass
-class NumbersOutcome:
-    rows: list[dict[str, Any]]  # one per prompt (number_generation.complete_prompts)
-    stats: ClientStats  # the teacher's requests
-
-
-async def numbers_shard(
-    recipe: Recipe, teacher: str, prompts: list[NumberPrompt], shard: str, flow_mirror: str | None = None,
-) -> NumbersOutcome:
-    """The leakage job's `teacher` ("trait" or "control") completes one shard of prompts on a
-    worker, with a client of its own."""
-    async def work() -> NumbersOutcome:
-        (numbers,) = [t for t in number_teachers(recipe) if t.name == teacher]
-        journal = RequestJournal(journal_dir(recipe))
-        servers: list[EmbeddedServer] = []
-        budget = leakage_budget(recipe)
-        _watch_other_shards(budget)
-        client = numbers.client(journal, servers, budget)
-        try:
-            rows = await complete_shard(numbers, client, prompts, shard)
-        except GenerationFailed:
-            if budget is not None and budget.stopped:  # the cap, not the endpoint, left prompts unanswered
-                raise budget.stop() from None
-            raise
-        finally:
-            await client.aclose()
-            for server in servers:
-                server.stop()
-            journal.close()
-        return NumbersOutcome(rows, client.stats)
-
-    return await on_worker(recipe, flow_mirror, work)
-
-
-def _watch_other_shards(budget: Budget | None) -> None:
+def watch_other_shards(budget: Budget | None) -> None:
     """The shards on other workers spend from the same caps: count their journaled answers."""
     if budget is not None:
         budget.watch_others()
