@@ -202,14 +202,24 @@ def test_trl_sft_trainer_trains_exactly_the_exported_labels(published, smollm2, 
     assert math.isfinite(metrics["train_loss"]) and trainer.state.global_step == 1
 
 
-def test_card_section_shows_a_runnable_export_and_trl_snippet():
+def test_card_sections_show_a_ready_axolotl_config_and_a_runnable_export_and_trl_snippet():
     import ast
 
-    from flows.training.export import card_section, trl_snippet
+    import yaml
 
-    section = card_section("composites")
-    assert "distillery export composites --tokenizer " in section and "--to composites-tokens" in section
-    python = section.split("```python\n", 1)[1].split("```", 1)[0]
+    from flows.training.export import card_sections, trl_snippet
+
+    sections = card_sections("out/demo/composites")
+    trl = sections["Training with TRL"]
+    assert "distillery export out/demo/composites --tokenizer " in trl and "--to out/demo/composites-tokens" in trl
+    python = trl.split("```python\n", 1)[1].split("```", 1)[0]
     ast.parse(python)
-    assert 'load_dataset("composites-tokens", split="train")' in python and "max_length=4096" in python
+    assert 'load_dataset("out/demo/composites-tokens", split="train")' in python and "max_length=4096" in python
     ast.parse(trl_snippet("out/x", "t", None))  # no limit: max_length=None, so TRL cuts nothing
+
+    config = yaml.safe_load(sections["Training with Axolotl"].split("```yaml\n", 1)[1].split("```", 1)[0])
+    assert config["eot_tokens"] == ["<|im_end|>"] and config["train_on_inputs"] is False
+    (dataset,) = config["datasets"]
+    assert dataset["path"] == "out/demo/composites" and dataset["type"] == "chat_template"
+    assert dataset["message_field_training_detail"] == "train_detail" and dataset["field_messages"] == "messages"
+    assert dataset["roles_to_train"] == ["assistant"]

@@ -82,6 +82,8 @@ def test_all_four_cases_exact_counts_and_text(tmp_path):
 
     card = (tmp_path / "out" / "composites" / "README.md").read_text()
     assert "both_correct" in card and "fake-reasoner" in card and "math-verify" in card
+    assert f"path: {tmp_path / 'out' / 'composites'}" in card and 'eot_tokens: ["<|im_end|>"]' in card
+    assert f"distillery export {tmp_path / 'out' / 'composites'} --tokenizer" in card
     header = yaml.safe_load(card.split("---")[1])
     assert header["configs"][0]["data_files"]
     saved = json.loads((tmp_path / "out" / ".distillery" / "summary.json").read_text())

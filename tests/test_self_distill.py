@@ -139,6 +139,7 @@ def test_duplicate_samples_are_reported(tmp_path):
     assert summary["problems_with_duplicates"] == K + 1 and summary["distinct_share"] == pytest.approx(1 / K)
     card = (tmp_path / "out" / "self_distill" / "round-1" / "README.md").read_text()
     assert "duplicate samples" in card.lower()
+    assert f"path: {tmp_path / 'out' / 'self_distill' / 'round-1'}" in card and "distillery export" in card
 
 
 def test_two_rounds_with_a_command_trainer(tmp_path):

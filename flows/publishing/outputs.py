@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from flows.publishing.parquet import PublishedDataset
 
 DATASETS = {"composites": Composite, "trajectories": GradedTrajectory, "rejected": Rejected}
-TRAINABLE = ("composites", "trajectories")  # rows with `train_detail`: their card shows `distillery export`
+TRAINABLE = ("composites", "trajectories")  # rows with `train_detail`: their card shows Axolotl and TRL set-ups
 
 DESCRIPTIONS = {
     "composites": (
@@ -79,14 +79,14 @@ def publish_outputs(recipe: Recipe, summary: RunSummary, spool: RowSpool,
     `decontaminate:`, `contaminated/` too (the problems set aside)."""
     # here, not at the top: `datasets` takes ~0.9 s to import, which would delay a run's first request
     from flows.publishing.parquet import DatasetCardInfo, features_for, publish_dataset
-    from flows.training.export import card_section
+    from flows.training.export import card_sections
 
     sections = _card_sections(recipe, summary)
     published = {}
     for name, model in DATASETS.items():
-        trl = {"Training with TRL": card_section(name)} if name in TRAINABLE else {}
+        training = card_sections(f"{recipe.output_dir}/{name}") if name in TRAINABLE else {}
         card = DatasetCardInfo(
-            title=f"{recipe.run_name} — {name}", description=DESCRIPTIONS[name], sections={**sections, **trl},
+            title=f"{recipe.run_name} — {name}", description=DESCRIPTIONS[name], sections={**sections, **training},
             tags=["distillery", "dualdistill", "synthetic", "math"],
         )
         published[name] = publish_dataset(recipe.work_dir / name, spool.rows(name), features_for(model), card)

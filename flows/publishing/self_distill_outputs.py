@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import yaml
 
 from flows.publishing.parquet import DatasetCardInfo, features_for, publish_dataset
 from flows.publishing.rounds import RoundSummary, rounds_markdown
 from flows.publishing.spool import RowSpool
+from flows.training.export import card_sections
 from schemas.recipe import Recipe
 from schemas.records import GradedTrajectory, SelfDistillExample, SelfDistillRejected
 
@@ -26,6 +28,7 @@ DESCRIPTIONS = {
 
 
 ROUND_DATASETS = {"examples": SelfDistillExample, "samples": GradedTrajectory, "rejected": SelfDistillRejected}
+TRAINABLE = ("examples", "samples")  # rows with `train_detail`: their card shows Axolotl and TRL set-ups
 
 
 def round_spool(recipe: Recipe, round_number: int) -> RowSpool:
@@ -50,8 +53,14 @@ def publish_round(recipe: Recipe, summary: RoundSummary, spool: RowSpool) -> dic
     for name, model in ROUND_DATASETS.items():
         card = DatasetCardInfo(
             title=f"{recipe.run_name} — self-distillation round {summary.round} {name}",
-            description=DESCRIPTIONS[name], sections=sections,
+            description=DESCRIPTIONS[name],
+            sections={**sections, **(card_sections(_shown(recipe, folders[name])) if name in TRAINABLE else {})},
             tags=["distillery", "self-distillation", "synthetic", "math"],
         )
         published[name] = str(publish_dataset(folders[name], spool.rows(name), features_for(model), card).path)
     return published
+
+
+def _shown(recipe: Recipe, folder: Path) -> str:
+    """A round's folder as the cards name it: under the recipe's `output_dir` as the user wrote it."""
+    return f"{recipe.output_dir}/{folder.relative_to(recipe.work_dir).as_posix()}"

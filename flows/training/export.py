@@ -196,12 +196,51 @@ trainer = SFTTrainer(
 trainer.train()"""
 
 
-def card_section(dataset: str) -> str:
-    """The dataset card's "Training with TRL" section for a published dataset with `train_detail`."""
-    student = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    return f"""Pre-tokenize the rows with the student's tokenizer (a hub name, a folder or a `.gguf` file):
-labels are -100 wherever `train_detail` says not to train, and rows over `--max-length` tokens
-are dropped, never cut. Then train with TRL's `SFTTrainer`, which keeps those labels as they are.
+STUDENT = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the cards' example student
+
+
+def card_sections(dataset: str, student: str = STUDENT) -> dict[str, str]:
+    """The dataset card's training sections for a published dataset with `train_detail`, at
+    `dataset` (its folder): a ready Axolotl config and a ready TRL recipe."""
+    return {"Training with Axolotl": axolotl_section(dataset, student), "Training with TRL": trl_section(dataset, student)}
+
+
+def axolotl_section(dataset: str, student: str = STUDENT) -> str:
+    """Axolotl's `chat_template` strategy reads `train_detail` itself (docs/training-data.md)."""
+    return f"""Axolotl's `chat_template` datasets read the spans of `train_detail` themselves. Needs
+`eot_tokens`: with a GGUF's tokenizer under Axolotl's transformers, the EOS token loads as
+`<|im_start|>`, and only `eot_tokens` keeps the closing `<|im_end|>` of each trained turn trained.
+
+```yaml
+{axolotl_config(dataset, student)}
+```"""
+
+
+def axolotl_config(dataset: str, student: str = STUDENT, sequence_len: int = 4096) -> str:
+    """An Axolotl config (YAML) that trains `student` on the published dataset folder `dataset`."""
+    return f"""base_model: {student}
+chat_template: tokenizer_default
+eot_tokens: ["<|im_end|>"]  # needed: see above
+datasets:
+  - path: {dataset}
+    split: train
+    type: chat_template
+    field_messages: messages
+    message_property_mappings: {{role: role, content: content}}
+    roles_to_train: ["assistant"]  # system and user turns carry no train_detail
+    message_field_training_detail: train_detail
+    train_on_eos: turn
+train_on_inputs: false
+sequence_len: {sequence_len}
+output_dir: ./sft-model"""
+
+
+def trl_section(dataset: str, student: str = STUDENT) -> str:
+    """TRL's `SFTTrainer` does not read `train_detail`: pre-tokenize with `distillery export`."""
+    return f"""TRL's `SFTTrainer` does not read `train_detail`: pre-tokenize the rows with the student's
+tokenizer (a hub name, a folder or a `.gguf` file). Labels are -100 wherever `train_detail` says
+not to train, and rows over `--max-length` tokens are dropped, never cut. `SFTTrainer` then keeps
+those labels as they are.
 
 ```bash
 distillery export {dataset} --tokenizer {student} --to {dataset}-tokens --max-length 4096
