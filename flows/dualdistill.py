@@ -31,6 +31,7 @@ import re
 import time
 
 from prefect import flow, get_run_logger, task
+from prefect.context import FlowRunContext
 from prefect.artifacts import create_markdown_artifact
 from prefect.utilities.annotations import quote
 
@@ -42,31 +43,36 @@ from flows.models.client import ClientStats
 from flows.models.keys import content_key
 from flows.orchestration import run_lock
 from flows.orchestration.on_worker import add_stats, budget_stop, mirror_id, on_worker, process_grader, watch_other_shards
-from flows.orchestration.progress import RunProgress
-from flows.orchestration.runs import PERSISTED, flow_run_name, forget_links, push_to_hub_task
+from flows.orchestration.progress import RunProgress, journal_by_role
+from flows.models.budget import BudgetReached
+from flows.orchestration.runs import PERSISTED, RunFailed, failed_run, flow_run_name, forget_links, push_to_hub_task
 from flows.orchestration.task_runners import Finished, for_workers, map_here, map_on_workers, workers
 from flows.publishing.outputs import preload_publishing, publish_outputs, row_spool
 from flows.publishing.report import RunSummary, combine, summarise, summary_markdown
 from flows.publishing.spool import RowSpool
 from flows.publishing.storage import check_output, output_location, pull_state, push_outputs, push_state, result_storage
 from flows.stages.dualdistill_shard import ROLES, ShardOutcome, answer_grade_stitch
-from flows.stages.shards import ShardFailed, key_parameter, scoped_run_token, shard_name, shards_at_once
-from flows.teachers.runtime import Runtime, build_runtime, teacher_fingerprint
+from flows.stages.shards import (
+    ShardFailed,
+    journaled_first_requests,
+    key_parameter,
+    scoped_run_token,
+    shard_name,
+    shards_at_once,
+)
+from flows.teachers.runtime import Runtime, build_runtime, journal_dir, teacher_fingerprint
 from schemas.recipe import Recipe, flow_recipe
 from schemas.records import Contaminated, Problem
 
 STAGE_VERSION = "3"  # bump when a stage's output format changes, to invalidate cached results
 
 
-class RunFailed(RuntimeError):
-    """At least one shard failed; everything answered so far is in the journal."""
-
-
 # Task inputs are wrapped in `quote(...)`: Prefect otherwise walks every record of every list
 # passed to a task looking for futures (17 s of CPU for 2,000 problems).
 
 
-@task(name="shard", task_run_name="shard-{index:05d}", cache_key_fn=key_parameter, **PERSISTED,
+@task(name="answer-grade-stitch", task_run_name="answer[tool+reasoning] shard-{index:05d}",
+      cache_key_fn=key_parameter, **PERSISTED,
       retry_delay_seconds=5)
 async def shard_task(key: str, recipe: Recipe, index: int, problems: list[Problem], flow_mirror: str,
                      runtime: Runtime | None = None, progress: RunProgress | None = None) -> ShardOutcome:
@@ -121,6 +127,7 @@ async def _run_shards(
     the spool and its figures are kept; returns each shard's figures or failure, the request
     figures per teacher, and the sandbox the code ran in."""
     runtime = build_runtime(recipe) if runner is None else None
+    get_run_logger().info(_attempt_line(recipe, runtime, shards))
     stats = ({role: runtime.teacher(role).client.stats for role in ROLES} if runtime is not None
              else {role: ClientStats() for role in ROLES})
     for role in ROLES:
@@ -171,6 +178,27 @@ async def _run_shards(
     return [figures.get(i, o) if not isinstance(o, BaseException) else o for i, o in enumerate(outcomes)], stats, sandbox
 
 
+def _attempt_line(recipe: Recipe, runtime: Runtime | None, shards: ProblemShards) -> str:
+    """What this attempt replays and sends, said once at its start (a retry from the UI is a new
+    attempt of the same flow run)."""
+    context = FlowRunContext.get()
+    attempt = f"attempt {context.flow_run.run_count}" if context and context.flow_run else "this attempt"
+    requests = shards.count * len(ROLES)
+    if runtime is None:  # on workers: the journal's answers, by role
+        answers = {role: figures["answers"] for role, figures in journal_by_role(journal_dir(recipe)).items()}
+        journaled = ", ".join(f"{role} {answers.get(role, 0):,}" for role in ROLES)
+        return f"{attempt}: {requests:,} first requests ({shards.count:,} problems × {len(ROLES)} teachers); " \
+               f"answers journaled by earlier attempts, replayed rather than sent: {journaled}"
+    if not len(runtime.journal):
+        return f"{attempt}: nothing journaled yet; {requests:,} first requests to send " \
+               f"({shards.count:,} problems × {len(ROLES)} teachers)"
+    replay = {role: sum(journaled_first_requests(runtime.teacher(role), shards.read(i)) for i in range(len(shards)))
+              for role in ROLES}
+    return (f"{attempt}: of {requests:,} first requests ({shards.count:,} problems × {len(ROLES)} teachers), "
+            + ", ".join(f"{role} {replay[role]:,} to replay and {shards.count - replay[role]:,} to send" for role in ROLES)
+            + " (a tool teacher's later turns are replayed or sent as they come)")
+
+
 def _failure_message(failures: list[BaseException]) -> str:
     lines = [f"{len(failures)} shard(s) failed; answers already received are journaled, rerun to resume:"]
     flat = [e for f in failures for e in (f.exceptions if isinstance(f, BaseExceptionGroup) else [f])]
@@ -187,7 +215,10 @@ async def dualdistill(recipe_path: str | None = None, recipe: dict | None = None
     started = time.perf_counter()
     recipe = flow_recipe(recipe_path, recipe, "dualdistill")
     with run_lock.holding(recipe.state_dir, "dualdistill"):
-        return await _dualdistill(recipe, started)
+        try:
+            return await _dualdistill(recipe, started)
+        except (RunFailed, BudgetReached) as error:
+            return failed_run(error)
 
 
 async def _dualdistill(recipe: Recipe, started: float) -> dict:
@@ -213,10 +244,11 @@ async def _dualdistill(recipe: Recipe, started: float) -> dict:
         outcomes, stats, sandbox = await _run_shards(runner, recipe, answer_scopes, progress, spool, shards)
     stopped = budget_stop(outcomes)
     failures = [o for o in outcomes if isinstance(o, BaseException)]
+    if failures:
+        progress.finish("stopped by its budget" if stopped else "failed")
     await progress.publish(force=True)
     if failures:
         spool.remove()  # the finished shards' rows come back from Prefect's cache on the rerun
-        progress.finish("stopped by its budget" if stopped else "failed")
         if stopped:
             raise stopped
         raise RunFailed(_failure_message(failures))

@@ -22,6 +22,7 @@ correction → report.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -46,7 +47,8 @@ from flows.models.keys import content_key
 from flows.orchestration import run_lock
 from flows.orchestration.on_worker import add_stats, budget_stop, mirror_id, on_worker, watch_other_shards
 from flows.orchestration.progress import RunProgress
-from flows.orchestration.runs import PERSISTED, flow_run_name, forget_links, push_to_hub_task
+from flows.models.budget import BudgetReached
+from flows.orchestration.runs import PERSISTED, failed_run, flow_run_name, forget_links, push_to_hub_task
 from flows.orchestration.task_runners import Finished, for_workers, map_on_workers, workers
 from flows.publishing.leakage_outputs import publish_completions
 from flows.publishing.leakage_report import build_report, report_markdown, verdict_line, write_report
@@ -60,7 +62,14 @@ from flows.teachers.runtime import journal_dir
 from schemas.recipe import Recipe, flow_recipe
 
 
-@task(name="number-completions", cache_key_fn=key_parameter, **PERSISTED, retry_delay_seconds=5)
+def _numbers_run_name(parameters: dict[str, Any]) -> str:
+    """`numbers[trait] shard-00003` for the shard named `trait-00003`."""
+    teacher, number = parameters["shard"].rsplit("-", 1)
+    return f"numbers[{teacher}] shard-{number}"
+
+
+@task(name="number-completions", task_run_name=_numbers_run_name, cache_key_fn=key_parameter, **PERSISTED,
+      retry_delay_seconds=5)
 async def completions_task(key: str, teacher: NumberTeacher, client: ModelClient, prompts: list[NumberPrompt],
                            shard: str, progress: RunProgress) -> list[dict]:
     return await complete_shard(teacher, client, prompts, shard, on_done=progress.ticker(f"numbers[{teacher.name}]", shard))
@@ -100,7 +109,8 @@ async def numbers_shard(
     return await on_worker(recipe, flow_mirror, work)
 
 
-@task(name="number-shard", cache_key_fn=key_parameter, persist_result=True, retry_delay_seconds=5)
+@task(name="number-shard", task_run_name=_numbers_run_name, cache_key_fn=key_parameter, persist_result=True,
+      retry_delay_seconds=5)
 async def numbers_shard_task(key: str, recipe: Recipe, teacher: str, prompts: list[NumberPrompt], shard: str,
                              flow_mirror: str) -> NumbersOutcome:
     """A shard of one teacher's completions on a Dask or Ray worker, with a client of its own."""
@@ -221,7 +231,10 @@ async def leakage(recipe_path: str | None = None, recipe: dict | None = None) ->
     The run holds its output folder's lock (flows/orchestration/run_lock.py) until it ends."""
     recipe = flow_recipe(recipe_path, recipe, "leakage")
     with run_lock.holding(recipe.state_dir, "leakage"):
-        return await _leakage(recipe)
+        try:
+            return await _leakage(recipe)
+        except (GenerationFailed, BudgetReached) as error:
+            return failed_run(error)
 
 
 async def _leakage(recipe: Recipe) -> dict:
@@ -261,6 +274,9 @@ async def _leakage(recipe: Recipe) -> dict:
             tests.append(behavioral.comparison)
     except BaseException as error:
         progress.failed(error)
+        if isinstance(error, Exception):  # the stages' artifacts say how the run ended, not a stale ETA
+            with contextlib.suppress(Exception):
+                await progress.publish(force=True)
         raise
     finally:
         for server in servers:

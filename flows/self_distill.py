@@ -24,6 +24,7 @@ trained student) is not redone. Training stays in the flow's process, between ro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -44,7 +45,8 @@ from flows.models.keys import content_key
 from flows.orchestration import run_lock
 from flows.orchestration.on_worker import add_stats, budget_stop, mirror_id, on_worker, process_grader, watch_other_shards
 from flows.orchestration.progress import RunProgress
-from flows.orchestration.runs import PERSISTED, flow_run_name, forget_links, push_to_hub_task
+from flows.models.budget import BudgetReached
+from flows.orchestration.runs import PERSISTED, RunFailed, failed_run, flow_run_name, forget_links, push_to_hub_task
 from flows.orchestration.task_runners import Finished, for_workers, map_here, map_on_workers, workers
 from flows.publishing.outputs import publish_contaminated
 from flows.publishing.rounds import RoundSummary, RowFigures, plot_accuracy, summarise_round, summary_markdown
@@ -77,7 +79,8 @@ def train_task(recipe: Recipe, round_number: int, dataset: str, student: str) ->
     return trainer.train(dataset=Path(dataset), round=round_number, student=student, output=output, log=logger.info)
 
 
-@task(name="round-shard", task_run_name="round-{round_number}-shard-{index:05d}", cache_key_fn=key_parameter,
+@task(name="sample-grade-complete", task_run_name="sample[student] round-{round_number} shard-{index:05d}",
+      cache_key_fn=key_parameter,
       **PERSISTED, retry_delay_seconds=5)
 async def round_shard_task(key: str, recipe: Recipe, student: StudentSpec, reused, round_number: int, index: int,
                            problems: list[Problem], flow_mirror: str, runtime: StudentRuntime | None = None,
@@ -201,8 +204,8 @@ async def _round(recipe: Recipe, runner, student: StudentSpec, reused, progress:
     await progress.publish(force=True)
     if failures:
         spool.remove()  # the finished shards' rows come back from Prefect's cache on the rerun
-        raise RuntimeError(f"round {round_number}: {len(failures)} shard(s) failed; answers so far are journaled, "
-                           f"rerun to resume. First: {type(failures[0]).__name__}: {failures[0]}")
+        raise RunFailed(f"round {round_number}: {len(failures)} shard(s) failed; answers so far are journaled, "
+                        f"rerun to resume. First: {type(failures[0]).__name__}: {failures[0]}")
     summary = summarise_round(round_number, student_name(student),
                               round_stats(pl.concat([outcome.stats for outcome in outcomes])),
                               sum((outcome.rows for outcome in outcomes), RowFigures()), sent=stats.sent)
@@ -234,7 +237,10 @@ async def self_distill(recipe_path: str | None = None, recipe: dict | None = Non
     holds its output folder's lock (flows/orchestration/run_lock.py) until it ends."""
     recipe = flow_recipe(recipe_path, recipe, "self_distill")
     with run_lock.holding(recipe.state_dir, "self_distill"):
-        return await _self_distill(recipe)
+        try:
+            return await _self_distill(recipe)
+        except (RunFailed, BudgetReached) as error:
+            return failed_run(error)
 
 
 async def _self_distill(recipe: Recipe) -> dict:
@@ -279,6 +285,9 @@ async def _self_distill(recipe: Recipe) -> dict:
                     student = trained_student(student, summary.next_student)
     except BaseException as error:
         progress.failed(error)
+        if isinstance(error, Exception):  # the stages' artifacts say how the run ended, not a stale ETA
+            with contextlib.suppress(Exception):
+                await progress.publish(force=True)
         raise
     finally:
         await asyncio.to_thread(push_state, recipe)

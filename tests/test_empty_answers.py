@@ -119,7 +119,8 @@ def test_an_empty_student_sample_is_graded_and_journaled_like_any_other(tmp_path
     ('{"choices": [{"message": {"content": "The answer is', "answer is not JSON"),
 ])
 def test_a_broken_answer_still_fails_naming_stage_shard_problem_endpoint_and_cause(tmp_path, garbage, cause):
-    from flows.dualdistill import RunFailed, dualdistill
+    from flows.dualdistill import dualdistill
+    from flows.orchestration.runs import RunFailed
 
     rows = write_problems(tmp_path / "problems.jsonl", per_kind=1)
     script = ScriptedTeachers(rows)

@@ -14,7 +14,8 @@ from fake_openai import FakeOpenAIServer, Reply, problem_text, teacher_role
 from flow_helpers import ScriptedTeachers, write_problems, write_recipe
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH
 
-from flows.dualdistill import RunFailed, dualdistill
+from flows.dualdistill import dualdistill
+from flows.orchestration.runs import RunFailed
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

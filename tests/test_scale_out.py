@@ -251,7 +251,7 @@ def test_a_failed_shard_on_a_worker_fails_the_run_by_name_and_a_rerun_resends_on
     with FakeOpenAIServer(fails_one_problem) as broken:
         recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "problems.jsonl", broken.base_url, tmp_path / "out",
                               execution=execution)
-        from flows.dualdistill import RunFailed
+        from flows.orchestration.runs import RunFailed
 
         with pytest.raises(RunFailed) as failure:
             run(recipe)

@@ -199,11 +199,8 @@ class ModelClient:
         tools: list[dict[str, Any]] | None = None,
     ) -> ChatResponse:
         """One completion for `messages`. `params`: temperature, top_p, max_tokens, seed, stop…"""
-        params = dict(params)
-        if params.get("seed") is not None:
-            params["seed"] = int(params["seed"]) + sample
+        params, key = self._keyed(messages, params, sample, tools)
         max_tokens = params.get("max_tokens")
-        key = chat_key(self.model, messages, params, extra=self.extra_body, tools=tools, sample=sample)
         cached = self.journal.get(key)
         if cached is not None and fits_budget(cached, max_tokens):
             self.stats.replayed += 1
@@ -221,6 +218,21 @@ class ModelClient:
         self.stats.prompt_tokens += response.prompt_tokens
         self.stats.completion_tokens += response.completion_tokens
         return response
+
+    def journaled(self, messages: list[dict[str, Any]], params: dict[str, Any], *, sample: int = 0,
+                  tools: list[dict[str, Any]] | None = None) -> bool:
+        """Whether `chat` with these arguments would replay its answer from the journal."""
+        params, key = self._keyed(messages, params, sample, tools)
+        cached = self.journal.get(key)
+        return cached is not None and fits_budget(cached, params.get("max_tokens"))
+
+    def _keyed(self, messages: list[dict[str, Any]], params: dict[str, Any], sample: int,
+               tools: list[dict[str, Any]] | None) -> tuple[dict[str, Any], str]:
+        """The parameters as sent (the seed shifted by `sample`) and the request's journal key."""
+        params = dict(params)
+        if params.get("seed") is not None:
+            params["seed"] = int(params["seed"]) + sample
+        return params, chat_key(self.model, messages, params, extra=self.extra_body, tools=tools, sample=sample)
 
     async def _connect(self) -> EndpointPool:
         if self._pool is not None:

@@ -149,7 +149,10 @@ class RunProgress:
         os.replace(temporary, self.path)  # a reader never sees half a file
 
     async def publish(self, force: bool = False) -> None:
-        """Create or update each stage's Prefect progress artifact (at most every 2 s a stage)."""
+        """Create or update each stage's Prefect progress artifact (at most every 2 s a stage).
+        A stage has one artifact per flow run: a retried run (a new attempt of the same flow run)
+        updates the artifacts its failed attempt left instead of adding new ones beside them.
+        Once the run has ended (`finish`), the description says how instead of an ETA."""
         from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
 
         now = time.time()
@@ -160,11 +163,30 @@ class RunProgress:
             figures = stage.figures(now)
             percent = 100.0 * figures["done"] / figures["total"] if figures["total"] else 100.0
             description = f"{self.run_name} — {stage.name}: {describe(figures)}"
+            if self.state != "running" and figures["done"] < figures["total"]:
+                description = f"{description.rsplit(' · ', 1)[0]} · run {self.state}"
             if stage.artifact_id is None:
                 key = re.sub(r"[^a-z0-9-]+", "-", f"{self.job}-{self.run_name}-{stage.name}".lower()).strip("-")
-                stage.artifact_id = await acreate_progress_artifact(percent, key=key, description=description)
-            else:
-                await aupdate_progress_artifact(stage.artifact_id, percent, description=description)
+                stage.artifact_id = await _earlier_attempts_artifact(key)
+                if stage.artifact_id is None:
+                    stage.artifact_id = await acreate_progress_artifact(percent, key=key, description=description)
+                    continue
+            await aupdate_progress_artifact(stage.artifact_id, percent, description=description)
+
+
+async def _earlier_attempts_artifact(key: str) -> UUID | None:
+    """The progress artifact `key` that an earlier attempt of this flow run made, if any."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        return None
+    match = ArtifactFilter(key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[context.flow_run.id]))
+    async with get_client() as client:
+        found = await client.read_artifacts(artifact_filter=match, limit=1)
+    return found[0].id if found else None
 
 
 def read_progress(state_dir: Path) -> dict[str, Any] | None:

@@ -1,13 +1,16 @@
 """What every flow run shares: its name in the Prefect UI, how its stage tasks keep their
-results, what it forgets of finished tasks, and the push to the Hub."""
+results, what it forgets of finished tasks, how it ends on a failure its tasks reported, and
+the push to the Hub."""
 
 from __future__ import annotations
 
 from dataclasses import asdict
 
 from prefect import task
+from prefect.client.schemas.objects import State
 from prefect.context import FlowRunContext
 from prefect.serializers import PickleSerializer
+from prefect.states import Failed
 
 from schemas.recipe import Recipe
 
@@ -30,6 +33,20 @@ def flow_run_name() -> str:
     parameters = flow_run.parameters or {}
     recipe = parameters.get("recipe") or {}
     return str(parameters.get("recipe_path") or recipe.get("run_name") or "recipe")
+
+
+class RunFailed(RuntimeError):
+    """Shards of the run failed; everything answered so far is journaled. Each failed shard's
+    task logged its own error and traceback."""
+
+
+def failed_run(error: BaseException) -> State:
+    """How a flow ends on a failure that its tasks already reported (`RunFailed`, a budget cap,
+    prompts that got no completion): a Failed state whose message is the error on one line
+    (Prefect shows a state's message, escaped, in its log lines and UI), without Prefect's
+    second traceback of the same failure. Calling the flow still raises `error` itself."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return Failed(message=f"{type(error).__name__}: {text}", data=error)
 
 
 def forget_links(*results: object) -> None:

@@ -104,6 +104,13 @@ async def answer_shard(
     return list(results)  # type: ignore[arg-type]
 
 
+def journaled_first_requests(teacher: ToolTeacher | ReasoningTeacher, problems: Sequence[Problem],
+                             samples: int = 1) -> int:
+    """How many of the `samples` trajectories per problem would replay their first request
+    from the journal (`answer_shard` sends the others)."""
+    return sum(teacher.first_request_journaled(problem, sample) for problem in problems for sample in range(samples))
+
+
 def unfinished_trace(trajectory: Trajectory) -> Verdict | None:
     """A wrong verdict for an answer that never finished, before anything is extracted:
     text cut by `max_tokens` may hold a half-revised answer, and a value that only

@@ -21,6 +21,10 @@ class ReasoningTeacher:
     params: dict  # sampling parameters sent with every request
     role: str = "reasoning"
 
+    def first_request_journaled(self, problem: Problem, sample: int = 0) -> bool:
+        """Whether `solve` would replay its (only) request from the journal."""
+        return self.client.journaled(self.prompt.chat(problem=problem.problem), self.params, sample=sample)
+
     async def solve(self, problem: Problem, shard: str, sample: int = 0) -> Trajectory:
         messages = self.prompt.chat(problem=problem.problem)
         response = await self.client.chat(messages, self.params, sample=sample, shard=shard)

@@ -164,8 +164,20 @@ class ToolTeacher:
             **confidence_fields(combine(progress.confidences)),
         )
 
+    def first_request_journaled(self, problem: Problem, sample: int = 0) -> bool:
+        """Whether `solve` would replay its first request from the journal."""
+        messages = self.prompt.chat(problem=problem.problem)
+        if self.protocol == "tags":
+            return self.client.journaled(messages, self._tag_params, sample=sample)
+        return self.client.journaled(messages, self.params, sample=sample,
+                                     tools=None if self.max_tool_calls <= 0 else [PYTHON_TOOL])
+
+    @property
+    def _tag_params(self) -> dict[str, Any]:
+        return {**self.params, "stop": ["</code>"]}
+
     async def _solve_with_tags(self, messages: list[dict], progress: _Progress, shard: str, sample: int) -> str:
-        params = {**self.params, "stop": ["</code>"]}
+        params = self._tag_params
         while True:
             response = await self.client.chat(messages, params, sample=sample, shard=shard)
             progress.count(response)
