@@ -31,7 +31,6 @@ import re
 import time
 
 from prefect import flow, get_run_logger, task
-from prefect.context import FlowRunContext
 from prefect.artifacts import create_markdown_artifact
 from prefect.utilities.annotations import quote
 
@@ -41,7 +40,7 @@ from flows.inputs.problem_shards import ProblemShards, run_problems
 from flows.inputs.prompts import load_prompt
 from flows.models.client import ClientStats
 from flows.models.keys import content_key
-from flows.orchestration import run_lock
+from flows.orchestration import run_lock, runs
 from flows.orchestration.on_worker import add_stats, budget_stop, mirror_id, on_worker, process_grader, watch_other_shards
 from flows.orchestration.progress import RunProgress, journal_by_role
 from flows.models.budget import BudgetReached
@@ -181,8 +180,7 @@ async def _run_shards(
 def _attempt_line(recipe: Recipe, runtime: Runtime | None, shards: ProblemShards) -> str:
     """What this attempt replays and sends, said once at its start (a retry from the UI is a new
     attempt of the same flow run)."""
-    context = FlowRunContext.get()
-    attempt = f"attempt {context.flow_run.run_count}" if context and context.flow_run else "this attempt"
+    attempt = runs.attempt()
     requests = shards.count * len(ROLES)
     if runtime is None:  # on workers: the journal's answers, by role
         answers = {role: figures["answers"] for role, figures in journal_by_role(journal_dir(recipe)).items()}

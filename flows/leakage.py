@@ -48,13 +48,13 @@ from flows.orchestration import run_lock
 from flows.orchestration.on_worker import add_stats, budget_stop, mirror_id, on_worker, watch_other_shards
 from flows.orchestration.progress import RunProgress
 from flows.models.budget import BudgetReached
-from flows.orchestration.runs import PERSISTED, failed_run, flow_run_name, forget_links, push_to_hub_task
+from flows.orchestration.runs import PERSISTED, attempt, failed_run, flow_run_name, forget_links, push_to_hub_task
 from flows.orchestration.task_runners import Finished, for_workers, map_on_workers, workers
 from flows.publishing.leakage_outputs import publish_completions
 from flows.publishing.leakage_report import build_report, report_markdown, verdict_line, write_report
 from flows.publishing.storage import check_output, output_location, pull_state, push_outputs, push_state, result_storage
 from flows.stages.number_filter import REASONS, banned_numbers, filter_completions, pass_rates
-from flows.stages.number_generation import GenerationFailed, complete_shard
+from flows.stages.number_generation import GenerationFailed, complete_shard, journaled_prompts
 from flows.stages.behavioral_probe import run_probe
 from flows.stages.shards import key_parameter, scoped_run_token, shard_window
 from flows.teachers.number_teachers import NumberTeacher, leakage_budget, number_teachers
@@ -157,6 +157,9 @@ async def _generate_here(recipe: Recipe, journal: RequestJournal, servers: list[
         clients.append(client)
         progress.stage(f"numbers[{teacher.name}]", len(prompts), "completions", client.stats)
         window = shard_window(client.capacity, recipe.shard_size)
+        replay = journaled_prompts(teacher, client, prompts) if len(journal) else 0
+        get_run_logger().info("%s teacher, %s: of %d prompts, %d to replay and %d to send", teacher.name, attempt(),
+                              len(prompts), replay, len(prompts) - replay)
         for number, shard in _shards(recipe, prompts):
             name = f"{teacher.name}-{number}"
             run = partial(shard_task, teacher.shard_key(run_token, shard), teacher, quote(client), quote(shard), name,

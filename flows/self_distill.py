@@ -46,7 +46,7 @@ from flows.orchestration import run_lock
 from flows.orchestration.on_worker import add_stats, budget_stop, mirror_id, on_worker, process_grader, watch_other_shards
 from flows.orchestration.progress import RunProgress
 from flows.models.budget import BudgetReached
-from flows.orchestration.runs import PERSISTED, RunFailed, failed_run, flow_run_name, forget_links, push_to_hub_task
+from flows.orchestration.runs import PERSISTED, RunFailed, attempt, failed_run, flow_run_name, forget_links, push_to_hub_task
 from flows.orchestration.task_runners import Finished, for_workers, map_here, map_on_workers, workers
 from flows.publishing.outputs import publish_contaminated
 from flows.publishing.rounds import RoundSummary, RowFigures, plot_accuracy, summarise_round, summary_markdown
@@ -55,7 +55,7 @@ from flows.publishing.spool import RowSpool
 from flows.publishing.storage import check_output, output_location, pull_state, push_outputs, push_state, result_storage
 from flows.stages.selection import round_stats
 from flows.stages.self_distillation import RoundShardOutcome, TeacherKey, reuse_index, sample_select_complete
-from flows.stages.shards import key_parameter, scoped_run_token, shard_name, shards_at_once
+from flows.stages.shards import journaled_first_requests, key_parameter, scoped_run_token, shard_name, shards_at_once
 from flows.teachers.students import (
     StudentRuntime,
     build_student_runtime,
@@ -128,6 +128,12 @@ async def _round_shards(runner, recipe: Recipe, student: StudentSpec, reused, pr
     one student runtime (`runner` None), or on the recipe's Dask or Ray cluster, each shard
     there with the reused teacher parts of its own problems only."""
     runtime = build_student_runtime(recipe, student, reused) if runner is None else None
+    if runtime is not None:
+        samples = shards.count * recipe.self_distill.k
+        replay = sum(journaled_first_requests(runtime.student, shards.read(i), recipe.self_distill.k)
+                     for i in range(len(shards))) if len(runtime.journal) else 0
+        get_run_logger().info("round %d, %s: of %d student samples' first requests, %d to replay and %d to send",
+                              round_number, attempt(), samples, replay, samples - replay)
     stats = runtime.student.client.stats if runtime is not None else ClientStats()
     sampled, finished_stage = f"sample[r{round_number}]", f"grade + teacher part[r{round_number}]"
     progress.stage(sampled, shards.count * recipe.self_distill.k, "samples", stats)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import hashlib
 import json
 import random
@@ -109,7 +110,7 @@ def test_fail_on_leak_exits_with_code_3(tmp_path):
     assert "leak detected" in result.output
 
 
-def test_a_failed_teacher_loses_nothing_and_the_rerun_sends_only_the_rest(tmp_path):
+def test_a_failed_teacher_loses_nothing_and_the_rerun_sends_only_the_rest(tmp_path, caplog):
     with FakeOpenAIServer(NumberTeacher(biased=True, fail_control=True)) as server:
         recipe = write_recipe(tmp_path / "r.yaml", server.base_url, tmp_path / "out")
         result = CliRunner().invoke(app, ["leakage", str(recipe)])
@@ -118,8 +119,12 @@ def test_a_failed_teacher_loses_nothing_and_the_rerun_sends_only_the_rest(tmp_pa
         assert "control teacher" in result.output and "rerun" in result.output
     with FakeOpenAIServer(NumberTeacher(biased=True)) as server:  # fixed, on another port
         write_recipe(recipe, server.base_url, tmp_path / "out")
+        caplog.set_level(logging.INFO, logger="prefect.flow_runs")
         asyncio.run(leakage(str(recipe)))
         assert len(server.requests) == 400  # only the control teacher's prompts
+        said = [record.getMessage() for record in caplog.records]
+        assert "trait teacher, attempt 1: of 400 prompts, 400 to replay and 0 to send" in said
+        assert "control teacher, attempt 1: of 400 prompts, 0 to replay and 400 to send" in said
         assert all(body["messages"][0]["role"] == "user" for body in server.requests)
 
 

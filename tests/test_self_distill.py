@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import typing
 
 import datasets
@@ -209,7 +210,7 @@ def test_every_student_backend_name_resolves(tmp_path):
     assert embedded.client.model.startswith("SmolLM2") and len(servers) == 1  # started lazily, not here
 
 
-def test_a_failed_round_resumes_without_resending(tmp_path):
+def test_a_failed_round_resumes_without_resending(tmp_path, caplog):
     rows = write_problems(tmp_path / "problems.jsonl")
     script = ScriptedStudent(rows)
 
@@ -226,6 +227,9 @@ def test_a_failed_round_resumes_without_resending(tmp_path):
                 if "[4]" not in problem_text(b, list(script.rows))}
     with FakeOpenAIServer(script) as healthy:
         recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "problems.jsonl", healthy.base_url, tmp_path / "out")
+        caplog.set_level(logging.INFO, logger="prefect.flow_runs")
         (summary,) = run(recipe)["rounds"]
     resent = {json.dumps([b["model"], b["messages"], b.get("seed")]) for b in healthy.requests} & answered
     assert resent == set() and summary["samples"] == K * (K + 1)
+    said = [record.getMessage() for record in caplog.records]
+    assert f"round 1, attempt 1: of {K * (K + 1)} student samples' first requests, {K * K} to replay and {K} to send" in said

@@ -35,6 +35,12 @@ def flow_run_name() -> str:
     return str(parameters.get("recipe_path") or recipe.get("run_name") or "recipe")
 
 
+def attempt() -> str:
+    """"attempt N" of this flow run (a retry from the UI is a new attempt of the same run)."""
+    context = FlowRunContext.get()
+    return f"attempt {context.flow_run.run_count}" if context and context.flow_run else "this attempt"
+
+
 class RunFailed(RuntimeError):
     """Shards of the run failed; everything answered so far is journaled. Each failed shard's
     task logged its own error and traceback."""

@@ -85,3 +85,8 @@ async def complete_shard(teacher: NumberTeacher, client: ModelClient, prompts: S
     """One shard of `teacher`'s completions: the leakage job's pipeline for a shard, wherever it runs."""
     return await complete_prompts(client, prompts, teacher=teacher.name, system=teacher.system, params=teacher.params,
                                   shard=shard, few_shot=teacher.few_shot, on_done=on_done)
+
+
+def journaled_prompts(teacher: NumberTeacher, client: ModelClient, prompts: Sequence[NumberPrompt]) -> int:
+    """How many of `prompts` `complete_shard` would answer from the journal."""
+    return sum(client.journaled(prompt_messages(p, teacher.system, teacher.few_shot), teacher.params) for p in prompts)
