@@ -55,7 +55,16 @@ def run(
     logs: bool = typer.Option(False, "--logs", help=LOGS_HELP),
 ) -> None:
     """Run a DualDistill recipe: teachers → grade → stitch → Parquet datasets."""
-    print_summary(_run_job(recipe, "dualdistill", logs))
+    result = _run_job(recipe, "dualdistill", logs)
+    print_summary(result)
+    _name_report(result)
+
+
+def _name_report(result: dict) -> None:
+    """A run's last line: its report.html, one page that opens offline in a browser."""
+    if result.get("report_html"):
+        results_console().print(f"[bold]report.html[/]: {escape(result['report_html'])}", highlight=False,
+                                soft_wrap=True)
 
 
 def _run_job(recipe: Path, job: str, logs: bool = False) -> dict:
@@ -112,7 +121,9 @@ def self_distill(
 ) -> None:
     """Sample K answers per problem from the student, build verification / correction
     examples by the beta rules, publish each round, and train the next student."""
-    print_rounds(_run_job(recipe, "self_distill", logs))
+    result = _run_job(recipe, "self_distill", logs)
+    print_rounds(result)
+    _name_report(result)
 
 
 LEAK_EXIT_CODE = 3
@@ -128,6 +139,7 @@ def leakage(
     Exits with code 3 when a leak is detected and `leakage.fail_on_leak` is true."""
     report = _run_job(recipe, "leakage", logs)
     print_leakage(report)
+    _name_report(report)
     from schemas.recipe import load_recipe
 
     if report["leak_detected"] and load_recipe(recipe, job="leakage").leakage.fail_on_leak:

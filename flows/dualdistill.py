@@ -7,7 +7,8 @@ Out: under the recipe's `output_dir`, three Parquet datasets with cards —
      `composites/` (the SFT rows), `trajectories/` (every graded answer) and
      `rejected/` (both answers wrong), with `decontaminate:` `contaminated/` (problems
      set aside as copies of benchmark items, never sent to a teacher) — plus
-     `.distillery/summary.json` and a Prefect markdown artifact with the same summary.
+     `.distillery/summary.json`, a Prefect markdown artifact with the same summary, and
+     `report.html` (the run as one offline page, linked as an artifact).
 Run: `distillery run recipes/demo.yaml` (no Prefect server needed), or deploy
      this flow (`dualdistill`) to a server and pass `recipe_path`.
 
@@ -44,6 +45,7 @@ from flows.orchestration import run_lock, runs
 from flows.orchestration.on_worker import add_stats, budget_stop, mirror_id, on_worker, process_grader, watch_other_shards
 from flows.orchestration.progress import RunProgress, journal_by_role
 from flows.models.budget import BudgetReached
+from flows.orchestration.run_report import publish_report
 from flows.orchestration.runs import PERSISTED, RunFailed, failed_run, flow_run_name, forget_links, push_to_hub_task
 from flows.orchestration.task_runners import Finished, for_workers, map_here, map_on_workers, workers
 from flows.publishing.outputs import preload_publishing, publish_outputs, row_spool
@@ -264,12 +266,13 @@ async def _dualdistill(recipe: Recipe, started: float) -> dict:
 
     recipe.state_dir.mkdir(parents=True, exist_ok=True)
     (recipe.state_dir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
+    report_html = await publish_report(recipe, "dualdistill")
     await asyncio.to_thread(push_outputs, recipe)
     await create_markdown_artifact(
         key="dualdistill-" + re.sub(r"[^a-z0-9-]+", "-", recipe.run_name.lower()),
         markdown=summary_markdown(summary), description="DualDistill run summary",
     )
-    result = summary.to_dict()
+    result = {**summary.to_dict(), "report_html": report_html}
     if recipe.publish.push_to_hub:
         result["hub"] = push_to_hub_task(quote(recipe), "dualdistill")
     return result

@@ -5,7 +5,8 @@ In:  a recipe YAML with `run_name`, `output_dir` and `leakage:` (trait, category
      fail_on_leak); no problems, no DualDistill teachers (see recipes/leakage_demo.yaml).
 Out: under `output_dir/leakage/`: `numbers/` (every completion of both teachers),
      `filtered/` (kept by the study's filter, with the parsed numbers), `rejected/` (with
-     the reason), `report.json`, `report.md`, `numbers.png`, `digits.png`; with the
+     the reason), `report.json`, `report.md`, `numbers.png`, `digits.png` (and
+     `output_dir/report.html`, all of it as one offline page); with the
      behavioural check, `students/{trait,control}/` (the fine-tuned students).
 Run: `distillery leakage recipes/leakage_demo.yaml` (exit code 3 on a leak with
      `fail_on_leak: true`).
@@ -48,6 +49,7 @@ from flows.orchestration import run_lock
 from flows.orchestration.on_worker import add_stats, budget_stop, mirror_id, on_worker, watch_other_shards
 from flows.orchestration.progress import RunProgress
 from flows.models.budget import BudgetReached
+from flows.orchestration.run_report import publish_report
 from flows.orchestration.runs import PERSISTED, attempt, failed_run, flow_run_name, forget_links, push_to_hub_task
 from flows.orchestration.task_runners import Finished, for_workers, map_on_workers, workers
 from flows.publishing.leakage_outputs import publish_completions
@@ -296,6 +298,7 @@ async def _leakage(recipe: Recipe) -> dict:
         behavioral=behavioral,
     )
     write_report(report, out, trait_numbers, control_numbers)
+    report_html = await publish_report(recipe, "leakage")
     progress.finish("completed")
     await asyncio.to_thread(push_outputs, recipe)
     logger.info(verdict_line(report))
@@ -303,7 +306,7 @@ async def _leakage(recipe: Recipe) -> dict:
         key="leakage-" + re.sub(r"[^a-z0-9-]+", "-", recipe.run_name.lower()),
         markdown=report_markdown(report), description="Trait-leakage report",
     )
-    result = {**report, "report_dir": output_location(recipe, out)}
+    result = {**report, "report_dir": output_location(recipe, out), "report_html": report_html}
     if recipe.publish.push_to_hub:
         result["hub"] = push_to_hub_task(quote(recipe), "leakage")
     return result

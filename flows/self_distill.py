@@ -5,9 +5,10 @@ In:  a recipe YAML with `problems`, `student` (any backend: endpoint, embedded, 
      generate the teacher part, `teachers` (see recipes/self_distill_demo.yaml).
 Out: under `output_dir/self_distill/`, per round r: `round-{r}/` (the SFT rows, with
      `train_detail`), `round-{r}-samples/` (every graded sample), `round-{r}-rejected/`
-     (picks with no usable teacher part, with the reason); `summary.json`, `accuracy.png`
-     and a Prefect markdown artifact; with a trainer, `round-{r}-model/` (or whatever the
-     `command` trainer names) is the next round's student. With `decontaminate:`,
+     (picks with no usable teacher part, with the reason); `summary.json`, `accuracy.png`,
+     a Prefect markdown artifact and `output_dir/report.html` (every round as one offline
+     page); with a trainer, `round-{r}-model/` (or whatever the `command` trainer names)
+     is the next round's student. With `decontaminate:`,
      `contaminated/` lists the problems set aside as copies of benchmark items (never sampled).
 Run: `distillery self-distill recipes/self_distill_demo.yaml`.
 
@@ -46,6 +47,7 @@ from flows.orchestration import run_lock
 from flows.orchestration.on_worker import add_stats, budget_stop, mirror_id, on_worker, process_grader, watch_other_shards
 from flows.orchestration.progress import RunProgress
 from flows.models.budget import BudgetReached
+from flows.orchestration.run_report import publish_report
 from flows.orchestration.runs import PERSISTED, RunFailed, attempt, failed_run, flow_run_name, forget_links, push_to_hub_task
 from flows.orchestration.task_runners import Finished, for_workers, map_here, map_on_workers, workers
 from flows.publishing.outputs import publish_contaminated
@@ -307,6 +309,7 @@ async def _self_distill(recipe: Recipe) -> dict:
                                             result["contaminated"])
         result["contaminated_dataset"] = output_location(recipe, published.path)
     (out / "summary.json").write_text(json.dumps(result, indent=2))
+    result["report_html"] = await publish_report(recipe, "self_distill")
     await asyncio.to_thread(push_outputs, recipe)
     await create_markdown_artifact(
         key="self-distill-" + re.sub(r"[^a-z0-9-]+", "-", recipe.run_name.lower()),
