@@ -1,15 +1,14 @@
 """Throughput of the DualDistill flow against a loopback fake server with fixed latency.
 
     .venv/bin/python bench/bench_dualdistill.py [--problems 2000] [--latency 0.2] [--concurrency 32]
-                                                [--code-share 0.0] [--code-blocks 1] [--stateless]
+                                                [--code-share 0.0] [--code-blocks 1]
 
 Both teachers point at one fake OpenAI server that answers every request after
 `--latency` seconds. The tool teacher answers directly (no code) unless
 `--code-share` > 0, in which case that share of its answers run `--code-blocks`
 code blocks in the sandbox first (one more request per block); with several blocks
-each uses what the one before defined. `--stateless` drops the replayed history
-(how blocks ran before stateful sessions; later blocks then fail with NameError), to
-compare sandbox time per block. Prints, per teacher endpoint:
+each uses what the one before defined (in the trajectory's live session); the sandbox's
+own time per block is printed. Prints, per teacher endpoint:
 
   rate ratio  = achieved request rate / (concurrency / latency), over the span
                 from that endpoint's first request to its last answer (target ≥ 0.90)
@@ -156,13 +155,12 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=250)
     parser.add_argument("--code-share", type=float, default=0.0)
     parser.add_argument("--code-blocks", type=int, default=1)
-    parser.add_argument("--stateless", action="store_true")
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         serve(args.serve, args.problems, args.latency, args.code_share, args.code_blocks)
         return
-    block_times = _time_sandbox_blocks(stateless=args.stateless)
+    block_times = _time_sandbox_blocks()
 
     from prefect.testing.utilities import prefect_test_harness
 
@@ -220,24 +218,23 @@ def main() -> None:
     print(f"cases: {summary['cases']}")
     if block_times:
         per_block = sorted(block_times)
-        print(f"sandbox time per block ({'stateless' if args.stateless else 'stateful'}, {len(per_block)} blocks): "
+        print(f"sandbox time per block (live sessions, {len(per_block)} blocks): "
               f"mean {1000 * sum(per_block) / len(per_block):.1f} ms, median {1000 * per_block[len(per_block) // 2]:.1f} ms")
 
 
-def _time_sandbox_blocks(stateless: bool) -> list[float]:
-    """Record each sandbox run's own duration, not its wait for a slot (and drop the
-    history with `stateless`)."""
-    from flows.execution.sandbox import Sandbox
+def _time_sandbox_blocks() -> list[float]:
+    """Record each block's own duration in its session, not its wait for a slot."""
+    from flows.execution.session import Session
 
     times: list[float] = []
-    run = Sandbox.run
+    run = Session.run
 
     async def timed(self, code, history=()):
-        result = await run(self, code, history=() if stateless else history)
+        result = await run(self, code, history)
         times.append(result.duration_s)
         return result
 
-    Sandbox.run = timed
+    Session.run = timed
     return times
 
 

@@ -100,7 +100,8 @@ class SandboxSpec(_Strict):
     memory_mb: int = Field(default=512, ge=32)
     max_processes: int = Field(default=16, ge=1)
     max_output_chars: int = Field(default=2000, ge=100)
-    max_parallel: int | None = Field(default=None, ge=1)  # concurrent snippets; None: CPU count
+    max_parallel: int | None = Field(default=None, ge=1)  # blocks running at once; None: CPU count
+    max_sessions: int = Field(default=64, ge=1)  # live interpreters (one per trajectory); idle ones beyond: evicted, LRU
 
 
 class BudgetSpec(_Strict):

@@ -24,7 +24,7 @@ PROBLEM = Problem(id="p1", problem="Double twenty-one, using a helper function."
 PARAMS = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 100, "seed": 0}
 
 # Block 1 defines state and prints; block 2 uses it; block 3 fails after binding a name;
-# block 4 reads that name: it must be gone.
+# block 4 reads that name: like a notebook, what ran before the error stays.
 BLOCKS = [
     "import math\ndef double(x):\n    return 2 * x\nbase = 21\nprint('defined')",
     "print(double(base) + int(math.sqrt(0)))",
@@ -72,7 +72,7 @@ def executor_outputs(trajectory: Trajectory) -> list[str]:
 
 @pytest.mark.parametrize("protocol", ["tags", "function_calling"])
 @pytest.mark.parametrize("kind", ["bwrap", "process"])
-def test_code_blocks_share_state_and_failed_blocks_leave_none(tmp_path, kind, protocol):
+def test_code_blocks_share_state_and_failed_blocks_keep_what_ran(tmp_path, kind, protocol):
     responder, seen = scripted_blocks(protocol)
     with FakeOpenAIServer(responder) as server:
         trajectory = solve(stateful_teacher(server, tmp_path, kind, protocol), PROBLEM)
@@ -80,12 +80,12 @@ def test_code_blocks_share_state_and_failed_blocks_leave_none(tmp_path, kind, pr
     assert outputs[0] == "<executor>\ndefined\n</executor>"
     assert outputs[1] == "<executor>\n42\n</executor>"  # state from block 1, and its print not replayed
     assert "ValueError: boom" in outputs[2]
-    assert "NameError: name 'leaked' is not defined" in outputs[3]  # the failed block's state is gone
+    assert outputs[3] == "<executor>\n5\n</executor>"  # what the failed block bound before raising stays
     assert "42" in seen[1] and "defined" not in seen[1]  # the model saw only the new block's output
-    assert (trajectory.tool_calls, trajectory.tool_errors) == (4, 2)
+    assert (trajectory.tool_calls, trajectory.tool_errors) == (4, 1)
     assert [(s.kind, s.failed) for s in trajectory.tool_spans] == [
         ("code", False), ("executor", False), ("code", False), ("executor", False),
-        ("code", True), ("executor", True), ("code", True), ("executor", True),
+        ("code", True), ("executor", True), ("code", False), ("executor", False),
     ]
     for span in trajectory.tool_spans:
         block = trajectory.text[span.start:span.end]

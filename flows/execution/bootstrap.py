@@ -1,15 +1,20 @@
-"""The code that runs first in a snippet's fresh interpreter, and its command line.
+"""The code a session's interpreter runs, and its command line.
 
-`_python_argv` builds `python -I -S -B -u -c <_BOOTSTRAP> snippet.py ...`: the bootstrap sets
-the rlimits, drops to the sandbox uid (bwrap on a root host), adds the venv's site-packages,
-replays the history with fds 1 and 2 on /dev/null, re-arms the CPU limit and tells the parent
-through the `ready` pipe, then runs the snippet as __main__ (flows/execution/sandbox.py says
-why). `_env` is the snippet's whole environment; `_history_bytes` the .history file's content.
+`_python_argv` builds `python -I -S -B -u -c <_SESSION> ...`: the bootstrap sets the rlimits,
+drops to the sandbox uid (bwrap on a root host), adds the venv's site-packages, points fds 1 and
+2 at /dev/null, then serves frames from the host until the channel closes. A frame is a 16-byte
+header (an 8-byte token, the code's length, the CPU seconds to allow) and the code; it comes
+with two pipe fds, the block's stdout and stderr, or with none for a block replayed silently.
+For each frame the bootstrap re-arms the CPU limit (unless the frame says 0), executes the code
+in the session's `__main__` globals with fds 1 and 2 on the block's pipes, puts them back on
+/dev/null, and answers on the control pipe with the token and a status (0, 1 after an
+exception, the SystemExit code). Block k compiles as "<block k>", which tracebacks show with
+its source lines. `_env` is the interpreter's whole environment. flows/execution/sandbox.py
+describes the design.
 """
 
 from __future__ import annotations
 
-import marshal
 import os
 import site
 import sys
@@ -17,104 +22,141 @@ import sys
 from flows.execution.sandbox_base import SandboxLimits
 
 _WORKDIR_BYTES = 64 << 20
+HEADER_BYTES = 16  # token (8), length of the code (4), CPU seconds to allow from now, 0: as before (4)
+STATUS_BYTES = 12  # token (8) + status (4, little-endian, signed)
 
-# Runs first in the fresh interpreter: rlimits, drop to the sandbox uid (root host only),
-# add site-packages, replay the history (if any) with fds 1 and 2 on /dev/null, re-arm the CPU
-# limit for the new block and tell the parent through the `ready` pipe, then execute the snippet
-# as __main__. The excepthook hides this bootstrap's own frame so tracebacks read exactly like
-# those of `python snippet.py`; with a history it prints through `traceback` (imported only then)
-# so that frames of earlier blocks show their source lines too.
-_BOOTSTRAP = """\
-import builtins, os, resource, sys
-script, uid, site_dirs, history, ready, cpu_time, *limits = sys.argv[1:]
+# The session's loop. It runs on a private copy of the builtins, and binds what it needs before
+# any user code runs, so a block that rebinds os.write or builtins.exec breaks only itself. A
+# forked child that returns from a block exits there (as it would at the end of a script) instead
+# of serving frames too. `report` prints a traceback without the loop's own frame.
+_SESSION = """\
+import builtins, os, resource, sys, _signal, _socket
+uid, site_dirs, chan, ctrl, *limits = sys.argv[1:]
 for limit in limits:
     name, _, value = limit.partition("=")
-    soft, _, hard = value.partition(":")
-    resource.setrlimit(getattr(resource, name), (int(soft), int(hard or soft)))
+    resource.setrlimit(getattr(resource, name), (int(value), int(value)))
 if uid:
     os.setgroups([])
     os.setresgid(int(uid), int(uid), int(uid))
     os.setresuid(int(uid), int(uid), int(uid))
 sys.path.extend(filter(None, site_dirs.split(":")))
-sys.argv = [script]
+sys.argv = [""]
 builtins.exit = builtins.quit = sys.exit
-blocks = []
-def excepthook(kind, exc, tb, default=sys.excepthook):
-    tb = tb and tb.tb_next
-    if blocks:
-        import linecache, traceback
-        for name, source in blocks:
-            linecache.cache[name] = (len(source), None, source.splitlines(True), name)
-        default = traceback.print_exception
-    default(kind, exc.with_traceback(tb), tb)
-sys.excepthook = excepthook
-namespace = {"__name__": "__main__", "__file__": script, "__builtins__": builtins}
-if history:
-    import marshal
-    os.set_inheritable(int(ready), False)
-    with open(history, "rb") as source:
-        blocks = [(f"<block {i}>", block) for i, block in enumerate(marshal.load(source), 1)]
-    def flush():
-        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-            try:
-                stream.flush()
-            except BaseException:
-                pass
-    flush()
-    saved = os.dup(1), os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    os.dup2(devnull, 2)
-    for name, block in blocks:
+chan, ctrl = _socket.socket(fileno=int(chan)), int(ctrl)
+os.set_inheritable(chan.fileno(), False)
+os.set_inheritable(ctrl, False)
+main = type(sys)("__main__")
+main.__builtins__ = builtins
+sys.modules["__main__"] = main
+namespace, sources, pid = main.__dict__, {}, os.getpid()
+getpid, dup2, close, write, exit_now, open_fd, devnull, blocking, write_only = (
+    os.getpid, os.dup2, os.close, os.write, os._exit, os.open, os.devnull, os.set_blocking, os.O_WRONLY)
+getrusage, getrlimit, setrlimit, CPU, SELF = (
+    resource.getrusage, resource.getrlimit, resource.setrlimit, resource.RLIMIT_CPU, resource.RUSAGE_SELF)
+fd_space, fd_flags = _socket.CMSG_SPACE(8), getattr(_socket, "MSG_CMSG_CLOEXEC", 0)
+fd_level, fd_kind, byteorder, streams = _socket.SOL_SOCKET, _socket.SCM_RIGHTS, sys.byteorder, sys
+getitimer, PROF, FOREVER = _signal.getitimer, _signal.ITIMER_PROF, 1e8
+_signal.setitimer(PROF, FOREVER, FOREVER)  # reads the clock RLIMIT_CPU is checked against
+started = getrusage(SELF)
+started = started.ru_utime + started.ru_stime
+__builtins__ = dict(vars(builtins))  # functions defined from here on look names up in this copy
+def quiet():
+    for stream in (streams.stdout, streams.stderr, streams.__stdout__, streams.__stderr__):
         try:
-            exec(compile(block, name, "exec"), namespace)
+            stream.flush()
         except BaseException:
             pass
-    flush()
-    os.dup2(saved[0], 1)
-    os.dup2(saved[1], 2)
-    for fd in (*saved, devnull):
-        os.close(fd)
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    used = -int(-(usage.ru_utime + usage.ru_stime) // 1)
-    soft = min(used + int(cpu_time), resource.getrlimit(resource.RLIMIT_CPU)[0])
+    null = open_fd(devnull, write_only)
+    dup2(null, 1)
+    dup2(null, 2)
+    close(null)
+def report(exc):
+    import linecache, traceback
+    for name, source in sources.items():
+        linecache.cache[name] = (len(source), None, source.splitlines(True), name)
+    traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next)
+def run(name, source):
+    sources[name] = source
     try:
-        resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 1))
-    except (ValueError, OSError):
-        pass
-    try:
-        os.write(int(ready), b".")
-    finally:
-        os.close(int(ready))
-with open(script, "rb") as source:
-    code = compile(source.read(), script, "exec")
-exec(code, namespace)
+        exec(compile(source, name, "exec"), namespace)
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return (exc.code or 0) & 0xFF
+        try:
+            print(exc.code, file=streams.stderr)
+        except BaseException:
+            pass
+        return 1
+    except BaseException as exc:
+        try:
+            report(exc)
+        except BaseException:
+            pass
+        return 1
+    return 0
+def receive(size):
+    data = bytearray()
+    while len(data) < size:
+        chunk = chan.recv(size - len(data))
+        if not chunk:
+            exit_now(0)
+        data += chunk
+    return bytes(data)
+def frame():
+    blocking(chan.fileno(), True)
+    header, ancillary, _, _ = chan.recvmsg(16, fd_space, fd_flags)
+    if not header:
+        exit_now(0)
+    fds = [int.from_bytes(data[i:i + 4], byteorder) for level, kind, data in ancillary
+           if level == fd_level and kind == fd_kind for i in range(0, len(data) - 3, 4)]
+    header += receive(16 - len(header))
+    source = receive(int.from_bytes(header[8:12], "little")).decode("utf-8", "replace")
+    return header[:8], source, int.from_bytes(header[12:], "little"), fds
+def cpu_used():
+    remaining, interval = getitimer(PROF)
+    if interval == FOREVER:
+        return started + FOREVER - remaining
+    used = getrusage(SELF)  # the code set the timer itself: the precise clock, a little slower than the kernel's
+    return used.ru_utime + used.ru_stime
+def serve():
+    blocks = 0
+    while True:
+        token, source, cpu_time, fds = frame()
+        blocks += 1
+        if len(fds) == 2:
+            dup2(fds[0], 1)
+            dup2(fds[1], 2)
+        for fd in fds:
+            close(fd)
+        if cpu_time:
+            used = -int(-cpu_used() // 1)
+            hard = getrlimit(CPU)[1]
+            try:
+                setrlimit(CPU, (used + cpu_time if hard < 0 else min(used + cpu_time, hard), hard))
+            except (ValueError, OSError):
+                pass
+        status = run(f"<block {blocks}>", source)
+        quiet()
+        if getpid() != pid:
+            exit_now(status)
+        write(ctrl, token + status.to_bytes(4, "little", signed=True))
+quiet()
+serve()
 """
 
 
-def _python_argv(
-    script: str, limits: SandboxLimits, uid: str, nproc: bool, history: tuple[str, int, int] | None = None
-) -> list[str]:
-    """The bootstrap's command line; `history` is (file, ready pipe's write end, number of blocks)."""
-    history_file, ready_fd, replays = history or ("", None, 0)
-    cpu = limits.cpu_time_s * (1 + replays)  # the bootstrap lowers it to the snippet's own after the replay
+def _python_argv(limits: SandboxLimits, uid: str, nproc: bool, chan_fd: int, ctrl_fd: int) -> list[str]:
+    """The session interpreter's command line; it reads frames from `chan_fd` and answers on `ctrl_fd`."""
     rlimits = {
-        "RLIMIT_AS": str(limits.memory_mb << 20),
-        "RLIMIT_CPU": f"{cpu}:{cpu + 1}",  # SIGXCPU first, SIGKILL a second later
-        "RLIMIT_FSIZE": str(_WORKDIR_BYTES),
-        "RLIMIT_CORE": "0",
+        "RLIMIT_AS": limits.memory_mb << 20,
+        "RLIMIT_FSIZE": _WORKDIR_BYTES,
+        "RLIMIT_CORE": 0,
     }
     if nproc:
-        rlimits["RLIMIT_NPROC"] = str(limits.max_processes)
+        rlimits["RLIMIT_NPROC"] = limits.max_processes
     site_dirs = ":".join(path for path in site.getsitepackages() if os.path.isdir(path))
-    replay = [history_file, str(ready_fd), str(limits.cpu_time_s)] if history else ["", "", ""]
-    return [sys.executable, "-I", "-S", "-B", "-u", "-c", _BOOTSTRAP, script, uid, site_dirs, *replay,
+    return [sys.executable, "-I", "-S", "-B", "-u", "-c", _SESSION, uid, site_dirs, str(chan_fd), str(ctrl_fd),
             *(f"{name}={value}" for name, value in rlimits.items())]
-
-
-def _history_bytes(history: list[str]) -> bytes:
-    # marshal: the bootstrap's interpreter is this one, and it has marshal loaded already (json costs ~20 ms)
-    return marshal.dumps([block.encode("utf-8", "replace").decode("utf-8") for block in history])
 
 
 def _env(home: str) -> dict[str, str]:

@@ -1,18 +1,19 @@
 """The bubblewrap backend of the sandbox.
 
-"bwrap" (bubblewrap >= 0.7, `apt-get install -y bubblewrap`)
+"bwrap" (bubblewrap >= 0.7, `apt-get install -y bubblewrap`); one sandbox per session, for the
+session's whole life:
     * new pid, network, IPC and UTS namespaces: no network (a loopback of its own only), no view
-      of host processes. When the snippet's main process ends or is killed, everything else in
+      of host processes. When the session's interpreter ends or is killed, everything else in
       its pid namespace dies too, daemons included (`--die-with-parent` if we die);
     * the host filesystem read-only; /run hidden; the workdir is a private 64 MiB tmpfs at /tmp
-      (cwd and $HOME) holding snippet.py, gone with the sandbox;
+      (cwd and $HOME), kept across the session's blocks, gone with the session;
     * never root. On a root host bwrap sets up the mounts, then the bootstrap drops to a random
       unused uid without capabilities (no_new_privs is set): such a uid reads only
       world-readable files, and /root is hidden apart from a Python installation living there.
-      On a non-root host bwrap uses an unprivileged user namespace, and the snippet can read
+      On a non-root host bwrap uses an unprivileged user namespace, and the code can read
       what the host user can;
     * at most max_processes processes and threads (RLIMIT_NPROC). The kernel counts that limit
-      per user; it bounds one snippet only because each snippet has a user of its own: the
+      per user; it bounds one session only because each session has a user of its own: the
       random uid, or the fresh user namespace. A fork bomb stops there.
 """
 
@@ -29,7 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from flows.execution.bootstrap import _WORKDIR_BYTES, _env, _history_bytes, _python_argv
+from flows.execution.bootstrap import _WORKDIR_BYTES, _env, _python_argv
 from flows.execution.sandbox_base import _DRAIN_GRACE_S, Sandbox, SandboxLimits, _Launch
 
 _SANDBOX_UIDS = (2_000_000_000, 2_100_000_000)  # far above real and container uid ranges
@@ -38,34 +39,19 @@ _SANDBOX_UIDS = (2_000_000_000, 2_100_000_000)  # far above real and container u
 class BwrapSandbox(Sandbox):
     name = "bwrap"
 
-    def __init__(self, limits: SandboxLimits, max_parallel: int | None = None) -> None:
-        super().__init__(limits, max_parallel)
+    def __init__(self, limits: SandboxLimits, max_parallel: int | None = None, max_sessions: int = 64) -> None:
+        super().__init__(limits, max_parallel, max_sessions)
         self._bwrap = shutil.which("bwrap") or "bwrap"
 
     @contextmanager
-    def _launch(self, code: str, history: list[str]) -> Iterator[_Launch]:
-        snippet = os.memfd_create("snippet")  # bwrap copies it into the sandbox's /tmp
+    def _launch(self, chan_fd: int, ctrl_fd: int) -> Iterator[_Launch]:
         info_read, info_write = os.pipe()
-        fds = [snippet, info_read, info_write]
         try:
-            _write_all(snippet, code.encode("utf-8", "replace"))
-            os.lseek(snippet, 0, os.SEEK_SET)
-            if not history:
-                argv = self._argv(snippet, info_write)
-                yield _Launch(argv, _env(home="/tmp"), cwd="/", pass_fds=(snippet, info_write), info_fd=info_read)
-                return
-            replay = os.memfd_create("history")  # copied to /tmp/.history, next to snippet.py
-            fds.append(replay)
-            _write_all(replay, _history_bytes(history))
-            os.lseek(replay, 0, os.SEEK_SET)
-            ready_read, ready_write = os.pipe()
-            fds += [ready_read, ready_write]
-            argv = self._argv(snippet, info_write, history=(replay, ready_write, len(history)))
-            yield _Launch(argv, _env(home="/tmp"), cwd="/", pass_fds=(snippet, info_write, replay, ready_write),
-                          info_fd=info_read, replays=len(history), ready_fd=ready_read)
+            argv = self._argv(info_write, chan_fd, ctrl_fd)
+            yield _Launch(argv, _env(home="/tmp"), cwd="/", pass_fds=(info_write,), info_fd=info_read)
         finally:
-            for fd in fds:
-                os.close(fd)
+            os.close(info_read)
+            os.close(info_write)
 
     async def _reap(self, launch: _Launch) -> None:
         # bwrap exits as soon as the snippet does, while its pid 1 is still being killed (and with
@@ -80,22 +66,15 @@ class BwrapSandbox(Sandbox):
         while _running(init_pid) and time.monotonic() < deadline:
             await asyncio.sleep(0.002)
 
-    def _argv(self, snippet_fd: int, info_fd: int, history: tuple[int, int, int] | None = None) -> list[str]:
-        """`history`: (memfd holding it, ready pipe's write end, number of blocks)."""
+    def _argv(self, info_fd: int, chan_fd: int, ctrl_fd: int) -> list[str]:
         as_root = os.geteuid() == 0
         argv = [
             self._bwrap, "--die-with-parent", "--info-fd", str(info_fd),
             "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
             "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
             "--size", str(1 << 20), "--tmpfs", "/run",
-            "--perms", "1777", "--size", str(_WORKDIR_BYTES), "--tmpfs", "/tmp",
-            "--perms", "0644", "--file", str(snippet_fd), "/tmp/snippet.py", "--chdir", "/tmp",
+            "--perms", "1777", "--size", str(_WORKDIR_BYTES), "--tmpfs", "/tmp", "--chdir", "/tmp",
         ]
-        replay = None
-        if history:
-            history_fd, ready_fd, replays = history
-            argv += ["--perms", "0644", "--file", str(history_fd), "/tmp/.history"]
-            replay = ("/tmp/.history", ready_fd, replays)
         hidden = ["/run", "/tmp"]
         if as_root:  # root's home holds credentials; the sandbox uid could not read it anyway
             argv += ["--tmpfs", "/root"]
@@ -108,7 +87,7 @@ class BwrapSandbox(Sandbox):
         else:
             argv += ["--unshare-user"]
         uid = str(random.randrange(*_SANDBOX_UIDS)) if as_root else ""
-        return argv + ["--", *_python_argv("/tmp/snippet.py", self.limits, uid=uid, nproc=True, history=replay)]
+        return argv + ["--", *_python_argv(self.limits, uid=uid, nproc=True, chan_fd=chan_fd, ctrl_fd=ctrl_fd)]
 
 
 def _python_dirs() -> list[str]:
@@ -121,12 +100,6 @@ def _reachable_bind(path: str) -> list[str]:
     parts = path.strip("/").split("/")
     parents = ["/" + "/".join(parts[:i]) for i in range(2, len(parts))]  # bwrap would make them 0700
     return [arg for parent in parents for arg in ("--perms", "0755", "--dir", parent)] + ["--ro-bind", path, path]
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _running(pid: int) -> bool:

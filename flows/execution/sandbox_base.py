@@ -1,8 +1,10 @@
-"""What every sandbox backend shares: the limits (`SandboxLimits`), the result of a run
-(`ExecutionResult`), and `Sandbox`, the interface whose `run` launches a snippet the way its
-backend says (`_launch`, a `_Launch`) and then watches it: the wall clock (the replay's and the
-snippet's), the output budget, the kill of its process group, the exit status and the notes
-the model reads ("TimeoutError: …", "Killed by SIGXCPU: …"). See flows/execution/sandbox.py.
+"""What every sandbox backend shares: the limits (`SandboxLimits`), the result of a block
+(`ExecutionResult`), and `Sandbox`, the interface: `session()` opens a trajectory's session
+(flows/execution/session.py), `run(code, history)` runs one block in a session of its own. A
+backend says how a session's interpreter is launched (`_launch`, a `_Launch`) and how to wait
+until nothing of it remains (`_reap`). `Sandbox` also bounds the blocks running at once per
+event loop (`max_parallel`) and the interpreters kept alive (`max_sessions`, least recently used
+evicted first, `_LivePool`). See flows/execution/sandbox.py for the design.
 """
 
 from __future__ import annotations
@@ -10,21 +12,25 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import time
+import threading
 import weakref
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections import OrderedDict
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-_DRAIN_GRACE_S = 1.0  # how long to wait for output pipes after the kill
+if TYPE_CHECKING:
+    from flows.execution.session import Session
+
+_DRAIN_GRACE_S = 1.0  # how long to wait for output pipes after a kill
 
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    wall_time_s: float = 3.0
-    cpu_time_s: int = 3
-    memory_mb: int = 512  # RLIMIT_AS of the snippet's interpreter
+    wall_time_s: float = 3.0  # per block
+    cpu_time_s: int = 3  # per block
+    memory_mb: int = 512  # RLIMIT_AS of the session's interpreter
     max_processes: int = 16  # processes and threads at once (bwrap backend only)
     max_output_chars: int = 2000
 
@@ -41,6 +47,7 @@ class ExecutionResult:
     timed_out: bool
     truncated: bool
     duration_s: float
+    session_lost: bool = False  # the block ended its interpreter (timeout, kill, exit): nothing it did remains
 
     @property
     def failed(self) -> bool:
@@ -63,42 +70,46 @@ class _Launch:
     cwd: str
     pass_fds: tuple[int, ...] = ()
     info_fd: int | None = None  # read end of bwrap's --info-fd
-    replays: int = 0  # blocks of history replayed before the snippet
-    ready_fd: int | None = None  # read end of the pipe the bootstrap writes to once the replay is done
 
 
 class Sandbox:
-    """Runs snippets, at most `max_parallel` at once per event loop (default: one per CPU).
-
-    Subclasses decide how the interpreter is launched.
-    """
+    """Runs blocks in sessions, at most `max_parallel` blocks at once per event loop (default:
+    one per CPU), with at most `max_sessions` interpreters alive (idle ones evicted, least
+    recently used first). Subclasses decide how an interpreter is launched."""
 
     name: str = "base"
 
-    def __init__(self, limits: SandboxLimits, max_parallel: int | None = None) -> None:
+    def __init__(self, limits: SandboxLimits, max_parallel: int | None = None, max_sessions: int = 64) -> None:
+        if max_sessions < 1:
+            raise ValueError(f"max_sessions must be positive, got {max_sessions}")
         self.limits = limits
         self.max_parallel = max_parallel or os.cpu_count() or 1
+        self.max_sessions = max_sessions
+        self.live = _LivePool(max_sessions)
         self._semaphores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
             weakref.WeakKeyDictionary()
         )
 
+    def session(self) -> Session:
+        """A trajectory's session: `async with sandbox.session() as s: await s.run(code, history)`."""
+        from flows.execution.session import Session
+
+        return Session(self)
+
     async def run(self, code: str, history: Sequence[str] = ()) -> ExecutionResult:
-        """Run `code` after silently replaying `history` (earlier blocks that succeeded) in its globals."""
-        if isinstance(history, str):
-            raise TypeError("history is a sequence of code blocks, not one string")
-        history = list(history)
-        async with self._slots():
-            with self._launch(code, history) as launch:
-                return await self._execute(launch)
+        """Run `code` alone: in a fresh interpreter, after silently replaying `history` (earlier
+        blocks) in its globals. The rebuild path of a session, on its own; teachers use `session()`."""
+        async with self.session() as session:
+            return await session.run(code, history)
 
     def run_sync(self, code: str, history: Sequence[str] = ()) -> ExecutionResult:
         return asyncio.run(self.run(code, history))
 
-    def _launch(self, code: str, history: list[str]) -> AbstractContextManager[_Launch]:
+    def _launch(self, chan_fd: int, ctrl_fd: int) -> AbstractContextManager[_Launch]:
         raise NotImplementedError
 
     async def _reap(self, launch: _Launch) -> None:
-        """Wait, after the launched process ended, until nothing of the snippet remains."""
+        """Wait, after the launched process ended, until nothing of the session remains."""
 
     def _slots(self) -> asyncio.Semaphore:
         # One semaphore per event loop: run_sync starts a new loop on every call.
@@ -107,102 +118,49 @@ class Sandbox:
             self._semaphores[loop] = asyncio.Semaphore(self.max_parallel)
         return self._semaphores[loop]
 
-    async def _execute(self, launch: _Launch) -> ExecutionResult:
-        limits = self.limits
-        start = time.monotonic()
-        transport, collector = await asyncio.get_running_loop().subprocess_exec(
-            lambda: _Collector(budget=limits.max_output_chars * 4), *launch.argv,
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=launch.env, cwd=launch.cwd, pass_fds=launch.pass_fds, start_new_session=True,
-        )
-        try:
-            try:
-                ended = {collector.exited, collector.overflowed}
-                if launch.ready_fd is None:
-                    await asyncio.wait(ended, timeout=limits.wall_time_s, return_when=asyncio.FIRST_COMPLETED)
-                else:  # the whole run within wall x (1 + replays); the snippet's own clock starts after the replay
-                    deadline = start + limits.wall_time_s * (1 + launch.replays)
-                    with _signalled(launch.ready_fd) as ready:
-                        await asyncio.wait(ended | {ready}, timeout=deadline - time.monotonic(),
-                                           return_when=asyncio.FIRST_COMPLETED)
-                        if ready.done() and not any(future.done() for future in ended):
-                            await asyncio.wait(ended, timeout=min(limits.wall_time_s, deadline - time.monotonic()),
-                                               return_when=asyncio.FIRST_COMPLETED)
-            finally:  # on timeout, overflow or cancellation: everything; after a normal exit: leftovers
-                killed = not collector.exited.done()
-                _kill_group(transport.get_pid())
-            # Let buffered output arrive; a process that left the group (process backend) may hold the pipes.
-            await asyncio.wait({collector.closed}, timeout=_DRAIN_GRACE_S)
-        finally:
-            transport.close()
-        await self._reap(launch)
-        duration = time.monotonic() - start
 
-        timed_out = killed and not collector.overflowed.done()
-        exit_code = None if killed else _shell_exit_code(transport.get_returncode())
-        output, truncated = _truncate(collector.text(), limits.max_output_chars)
-        truncated = truncated or collector.overflowed.done()
-        notes = []
-        if timed_out:
-            notes.append(f"TimeoutError: execution exceeded {limits.wall_time_s} s wall time")
-        if exit_code is not None and (note := _signal_note(exit_code, limits)):
-            notes.append(note)
-        if notes:
-            output = output + ("\n" if output and not output.endswith("\n") else "") + "\n".join(notes)
-        return ExecutionResult(output, exit_code, timed_out, truncated, duration)
+class _LivePool:
+    """The sessions whose interpreter is alive, least recently used first; thread-safe (shards
+    run on several threads, each with its own event loop). A session is busy while it runs a
+    block and is never evicted then. Eviction kills the interpreter under the lock, before its
+    owner can reap it, so the pid cannot have been reused; the owner notices on its next block."""
 
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._order: OrderedDict[Session, None] = OrderedDict()
+        self.evictions = 0
 
-class _Collector(asyncio.SubprocessProtocol):
-    """Keeps at most `budget` bytes of stdout and stderr, and tells when the process exits."""
+    def __len__(self) -> int:
+        return len(self._order)
 
-    def __init__(self, budget: int) -> None:
-        loop = asyncio.get_running_loop()
-        self.budget = budget
-        self.received = {1: bytearray(), 2: bytearray()}
-        self.exited = loop.create_future()  # the main process ended (its children may live on)
-        self.overflowed = loop.create_future()
-        self.closed = loop.create_future()  # exited and every pipe closed
+    def __contains__(self, session: object) -> bool:
+        with self._lock:
+            return session in self._order
 
-    def pipe_data_received(self, fd: int, data: bytes) -> None:
-        self.received[fd] += data[: max(self.budget, 0)]
-        self.budget -= len(data)
-        if self.budget < 0 and not self.overflowed.done():
-            self.overflowed.set_result(None)
+    def use(self, session: Session, busy: bool) -> bool:
+        """Mark `session` busy or idle and most recently used; False if it was evicted meanwhile."""
+        with self._lock:
+            session.busy = busy
+            if session in self._order:
+                self._order.move_to_end(session)
+                return True
+            return False
 
-    def process_exited(self) -> None:
-        self.exited.set_result(None)
+    def admit(self, session: Session) -> None:
+        """`session` has a live interpreter now; evict idle ones beyond capacity."""
+        with self._lock:
+            self._order[session] = None
+            excess = len(self._order) - self.capacity
+            for victim in [s for s in self._order if not s.busy and s is not session][:max(excess, 0)]:
+                del self._order[victim]
+                victim._evict()
+                self.evictions += 1
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed.set_result(None)
-
-    def text(self) -> str:
-        return self.received[1].decode(errors="replace") + self.received[2].decode(errors="replace")
-
-
-@contextmanager
-def _signalled(fd: int) -> Iterator[asyncio.Future[None]]:
-    """A future done once something was written to the pipe whose read end is `fd`."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[None] = loop.create_future()
-
-    def readable() -> None:
-        try:
-            data = os.read(fd, 64)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        loop.remove_reader(fd)
-        if data and not future.done():
-            future.set_result(None)
-
-    os.set_blocking(fd, False)
-    loop.add_reader(fd, readable)
-    try:
-        yield future
-    finally:
-        loop.remove_reader(fd)
-        future.cancel()
+    def forget(self, session: Session) -> None:
+        """Its interpreter is being closed by its owner: no eviction may touch it from now on."""
+        with self._lock:
+            self._order.pop(session, None)
 
 
 def _kill_group(pgid: int) -> None:

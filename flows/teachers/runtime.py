@@ -125,7 +125,7 @@ def build_runtime(recipe: Recipe) -> Runtime:
     journal = RequestJournal(journal_dir(recipe))
     servers: list[EmbeddedServer] = []
     spec = recipe.sandbox
-    sandbox = make_sandbox(spec.kind, sandbox_limits(spec), max_parallel=spec.max_parallel)
+    sandbox = make_sandbox(spec.kind, sandbox_limits(spec), max_parallel=spec.max_parallel, max_sessions=spec.max_sessions)
     budget = run_budget(recipe.budget, journal_dir(recipe), teacher_roles(recipe))
     tool, reasoning = build_teachers(recipe, journal, sandbox, servers, budget)
     return Runtime(tool=tool, reasoning=reasoning, journal=journal, sandbox=sandbox, servers=servers, budget=budget)

@@ -153,7 +153,8 @@ def build_student_runtime(
 ) -> StudentRuntime:
     journal = RequestJournal(journal_dir(recipe))
     servers: list[EmbeddedServer] = []
-    sandbox = make_sandbox(recipe.sandbox.kind, sandbox_limits(recipe.sandbox), max_parallel=recipe.sandbox.max_parallel)
+    sandbox = make_sandbox(recipe.sandbox.kind, sandbox_limits(recipe.sandbox), max_parallel=recipe.sandbox.max_parallel,
+                           max_sessions=recipe.sandbox.max_sessions)
     student = build_student(spec, sandbox, journal, servers)
     roles = [("student", spec), *(teacher_roles(recipe) if reused is None else [])]
     budget = run_budget(recipe.budget, journal_dir(recipe), roles)  # every round counts the rounds before it

@@ -9,13 +9,18 @@ has used `max_tool_calls`; then it is told to stop using code and answer.
 Function-calling protocol: the model calls a `python` tool; each call and its
 output are written into the trajectory as the same `<code>`/`<executor>` tags.
 
-Code keeps its state within a trajectory: each block runs after the trajectory's earlier
-blocks that ran cleanly are replayed silently in the same interpreter, so a function
-defined in one block can be called in the next; a failed block leaves nothing behind.
-Executions are journaled like model requests (keyed by the block and the history it ran
-after), so a rerun replays the exact executor output the model saw and the conversation
-keys stay identical. The trajectory records where every `<code>` and `<executor>` block
-sits (`tool_spans`), which the loss masks are built from.
+Code keeps its state within a trajectory: each trajectory has a live interpreter in the
+sandbox (`sandbox.session()`, started when its first block needs executing, closed when the
+trajectory ends), so a function defined in one block can be called in the next and a value
+computed once (a time stamp, a random draw) stays what the model saw. Like a notebook, a block
+that raised keeps what ran before the error; a block that timed out or ended the interpreter
+leaves nothing (the session is rebuilt without it). Executions are journaled like model requests,
+keyed by the block and the earlier blocks that succeeded (plus, after a failed block that left
+state, the blocks the session holds), so a rerun replays the exact executor output the model saw
+without starting any interpreter, and the conversation keys stay identical; a trajectory that
+goes on past the journal has its session rebuilt once, by replaying those blocks silently. The
+trajectory records where every `<code>` and `<executor>` block sits (`tool_spans`), which the
+loss masks are built from.
 """
 
 from __future__ import annotations
@@ -26,12 +31,12 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from flows.execution.sandbox import Sandbox, Session
+from flows.inputs.prompts import PromptFile
 from flows.models.client import ChatResponse, ModelClient, ToolCall
 from flows.models.confidence import Confidence, combine, confidence_fields
 from flows.models.journal import RequestJournal
 from flows.models.keys import request_key
-from flows.inputs.prompts import PromptFile
-from flows.execution.sandbox import Sandbox
 from schemas.records import Problem, ToolSpan, Trajectory
 
 _CODE_TAG = re.compile(r"<code>\s*\n?(.*?)(?:</code>|\Z)", re.DOTALL)
@@ -80,13 +85,14 @@ def find_code(text: str) -> CodeBlock | None:
 @dataclass
 class _Progress:
     """What a trajectory has so far: its text (parts joined by newlines), where its code
-    and executor blocks sit, the code that ran cleanly (replayed before the next block so
-    state carries over), and its counters."""
+    and executor blocks sit, the code that ran cleanly (part of the journal keys), the code
+    whose state the session holds (replayed if the session must be rebuilt), and its counters."""
 
     parts: list[str] = dataclasses.field(default_factory=list)
     length: int = 0  # len("\n".join(parts))
     spans: list[ToolSpan] = dataclasses.field(default_factory=list)
-    history: list[str] = dataclasses.field(default_factory=list)
+    history: list[str] = dataclasses.field(default_factory=list)  # blocks that succeeded
+    state: list[str] = dataclasses.field(default_factory=list)  # blocks that left state: succeeded, or raised
     requests: int = 0
     replayed: int = 0
     prompt_tokens: int = 0
@@ -142,10 +148,11 @@ class ToolTeacher:
     async def solve(self, problem: Problem, shard: str, sample: int = 0) -> Trajectory:
         messages = self.prompt.chat(problem=problem.problem)
         progress = _Progress()
-        if self.protocol == "tags":
-            finish = await self._solve_with_tags(messages, progress, shard, sample)
-        else:
-            finish = await self._solve_with_functions(messages, progress, shard, sample)
+        async with self.sandbox.session() as session:  # no interpreter until a block needs one
+            if self.protocol == "tags":
+                finish = await self._solve_with_tags(messages, progress, shard, sample, session)
+            else:
+                finish = await self._solve_with_functions(messages, progress, shard, sample, session)
         return Trajectory(
             problem_id=problem.id,
             teacher="tool",
@@ -176,7 +183,9 @@ class ToolTeacher:
     def _tag_params(self) -> dict[str, Any]:
         return {**self.params, "stop": ["</code>"]}
 
-    async def _solve_with_tags(self, messages: list[dict], progress: _Progress, shard: str, sample: int) -> str:
+    async def _solve_with_tags(
+        self, messages: list[dict], progress: _Progress, shard: str, sample: int, session: Session
+    ) -> str:
         params = self._tag_params
         while True:
             response = await self.client.chat(messages, params, sample=sample, shard=shard)
@@ -188,13 +197,15 @@ class ToolTeacher:
             if progress.tool_calls >= self.max_tool_calls:
                 progress.write(block.prefix.strip())
                 return "tool_limit"
-            output, failed = await self._execute(block.code, progress, shard)
+            output, failed = await self._execute(block.code, progress, shard, session)
             executor_turn = self.prompt.render("executor", output=output).strip()
             progress.write_run(block.prefix, block.code, output, failed)
             messages = [*messages, {"role": "assistant", "content": block.as_tags()},
                         {"role": "user", "content": self._with_limit_notice(executor_turn, progress)}]
 
-    async def _solve_with_functions(self, messages: list[dict], progress: _Progress, shard: str, sample: int) -> str:
+    async def _solve_with_functions(
+        self, messages: list[dict], progress: _Progress, shard: str, sample: int, session: Session
+    ) -> str:
         while True:
             at_limit = progress.tool_calls >= self.max_tool_calls
             response = await self.client.chat(
@@ -210,7 +221,7 @@ class ToolTeacher:
                 if code is None:
                     output, failed = _bad_arguments(call), True
                 else:
-                    output, failed = await self._execute(code, progress, shard)
+                    output, failed = await self._execute(code, progress, shard, session)
                 progress.write_run("", code or "", output, failed)
                 messages.append({"role": "tool", "tool_call_id": call.id, "content": output})
             if progress.tool_calls >= self.max_tool_calls:
@@ -222,21 +233,25 @@ class ToolTeacher:
             return executor_turn
         return executor_turn + "\n" + self.prompt.render("tool_limit", max_tool_calls=self.max_tool_calls)
 
-    async def _execute(self, code: str, progress: _Progress, shard: str) -> tuple[str, bool]:
-        """Run a block after replaying the trajectory's earlier clean blocks; (output, failed)."""
+    async def _execute(self, code: str, progress: _Progress, shard: str, session: Session) -> tuple[str, bool]:
+        """Run a block in the trajectory's session, or read it from the journal; (output, failed)."""
         payload: dict[str, Any] = {"code": code, "limits": dataclasses.asdict(self.sandbox.limits)}
         if progress.history:  # absent for a first block: its key is the same as before sessions existed
             payload["history"] = progress.history
+        if progress.state != progress.history:  # only after a failed block that left state behind
+            payload["state"] = progress.state
         key = request_key("exec", payload)
         cached = self.journal.get(key)
         if cached is None:
-            result = await self.sandbox.run(code, history=tuple(progress.history))
-            cached = {"output": result.output, "failed": result.failed}
+            result = await session.run(code, progress.state)
+            cached = {"output": result.output, "failed": result.failed, "kept": not result.session_lost}
             self.journal.record(shard, key, cached)
         progress.tool_calls += 1
         progress.tool_errors += int(cached["failed"])
         if not cached["failed"]:
             progress.history.append(code)
+        if cached.get("kept", not cached["failed"]):  # journals from before sessions: what succeeded
+            progress.state.append(code)
         return cached["output"].rstrip("\n"), bool(cached["failed"])
 
 
