@@ -12,7 +12,6 @@ import re
 
 from prefect.artifacts import create_link_artifact
 
-from flows.publishing.html_report import REPORT_NAME, write_html_report
 from flows.publishing.storage import output_location
 from schemas.recipe import Recipe
 
@@ -20,6 +19,9 @@ from schemas.recipe import Recipe
 async def publish_report(recipe: Recipe, job: str) -> str:
     """Write the run's report.html and link it from the flow run; returns where the user finds it
     (a path, or a URL for an object-store output_dir)."""
+    # here, not at the top: the page builder is only needed at a run's end, so a run's start does not import it
+    from flows.publishing.html_report import REPORT_NAME, write_html_report
+
     path = await asyncio.to_thread(write_html_report, recipe.work_dir, job, recipe.run_name)
     location = output_location(recipe, path)
     slug = re.sub(r"[^a-z0-9-]+", "-", f"{job}-report-{recipe.run_name}".lower())

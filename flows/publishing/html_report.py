@@ -23,8 +23,6 @@ import json
 import os
 from pathlib import Path
 
-import polars as pl
-
 from flows.publishing import html_sections as sections
 from flows.publishing.html_data import answer_figures, first_rows_per, head, pair_lengths, values_by
 from flows.publishing.html_parts import (
@@ -214,8 +212,7 @@ def _sd_round(out: Path, r: dict) -> Html:
     folders = {"examples": out / f"round-{number}", "samples": out / f"round-{number}-samples",
                "rejected": out / f"round-{number}-rejected"}
     figures = answer_figures(folders["samples"], group="model")
-    graded = values_by(folders["samples"], "completion_tokens",
-                       pl.when(pl.col("correct")).then(pl.lit("right")).otherwise(pl.lit("wrong")))
+    graded = values_by(folders["samples"], "completion_tokens", "correct", label=_right)
     by_grade = {name: graded[name] for name in ("right", "wrong") if name in graded}
     edges = sections.shared_edges(by_grade)
     next_student = r.get("next_student") or "(no trainer ran)"
@@ -324,7 +321,7 @@ def _completions(folder: Path) -> Html:
     parts = []
     for teacher in ("trait", "control"):
         for kept in (True, False):
-            rows = head(folder, LEAKAGE_SAMPLES, (pl.col("teacher") == teacher) & (pl.col("kept") == kept),
+            rows = head(folder, LEAKAGE_SAMPLES, {"teacher": teacher, "kept": kept},
                         ["prompt_index", "prompt", "completion", "reason"])
             label = f"{teacher} teacher, {'kept' if kept else 'rejected'} ({len(rows)} shown)"
             body = join(tag("div", tag("p", f"prompt {r['prompt_index']}" + (f": {r['reason']}" if r["reason"] else ""),
