@@ -64,6 +64,7 @@ from flows.teachers.students import (
     student_name,
     student_scope,
     teacher_scope,
+    release_student,
     trained_student,
 )
 from flows.training.trainers import make_trainer
@@ -290,6 +291,7 @@ async def _self_distill(recipe: Recipe) -> dict:
                     logger.warning("round %d: %s", round_number, warning)
                 rounds.append(summary)
                 if summary.next_student:
+                    release_student(student)
                     student = trained_student(student, summary.next_student)
     except BaseException as error:
         progress.failed(error)

@@ -152,7 +152,7 @@ class StudentSpec(TeacherSpec):
 
     backend: StudentBackend | None = None
     logprobs: bool = True  # ask for token logprobs: sample confidence (recorded for every sample)
-    # backend vllm only: keyword arguments of vllm.LLM (dtype, max_model_len, gpu_memory_utilization…)
+    # backend vllm only: keyword arguments of vllm's AsyncEngineArgs (dtype, max_model_len, gpu_memory_utilization…)
     engine_args: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")

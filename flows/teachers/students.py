@@ -5,8 +5,8 @@ Backends by name (`student.backend` in the recipe, `STUDENT_BACKENDS` here):
                 K samples are K seeded requests (seed + i), so servers that ignore `n` work
   embedded      the embedded default model on its loopback llama.cpp server
   transformers  a local checkpoint (or the embedded GGUF) generating in this process
-  vllm          offline vllm.LLM in this process, batching every in-flight sample's next
-                turn into one engine call (flows/models/vllm_backend.py)
+  vllm          vLLM's async engine in this process, batching continuously: each sample's
+                next turn joins the running batch once its code has run (flows/models/vllm_backend.py)
 
 Every backend is a `ModelClient`, so journaling, budget-aware replay and the tool loop
 are the same whatever produces the tokens.
@@ -112,6 +112,15 @@ def trained_student(spec: StudentSpec, checkpoint: str) -> StudentSpec:
         data = spec.model_dump(exclude={"endpoint", "base_url", "backend", "model"})
         return StudentSpec.model_validate({**data, "backend": "transformers", "model": checkpoint})
     return spec.model_copy(update={"model": checkpoint})
+
+
+def release_student(spec: StudentSpec) -> None:
+    """Free what a round's student holds in this process once the next round samples another:
+    an in-process vLLM engine keeps its memory (on a CPU, a quarter of RAM) until stopped."""
+    if spec.backend_name == "vllm":
+        from flows.models.vllm_backend import shutdown_engines  # imports vllm's stack: only for its students
+
+        shutdown_engines()
 
 
 @dataclass
