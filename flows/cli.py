@@ -100,13 +100,16 @@ def _run_job(recipe: Path, job: str, logs: bool = False) -> dict:
 
 
 def _load_flow(job: str, logs: bool):  # noqa: ANN202 - a Prefect flow
+    from flows.orchestration.terminal import quiet_prefect_console, quiet_third_party
+
+    if not logs:
+        quiet_third_party()  # before the flow's imports: datasets, huggingface_hub and tqdm read it as they load
     if job == "dualdistill":
         from flows.dualdistill import dualdistill as job_flow
     elif job == "leakage":
         from flows.leakage import leakage as job_flow
     else:
         from flows.self_distill import self_distill as job_flow
-    from flows.orchestration.terminal import quiet_prefect_console
     from prefect.settings import PREFECT_API_URL
 
     if not logs:

@@ -193,3 +193,18 @@ def test_quieting_does_not_import_datasets_yet_its_bars_stay_hidden():
               "assert 'datasets' not in sys.modules; import datasets; assert not datasets.is_progress_bar_enabled()")
     env = {k: v for k, v in os.environ.items() if k != "HF_DATASETS_DISABLE_PROGRESS_BARS"}
     subprocess.run([sys.executable, "-c", script], check=True, env=env)
+
+
+def test_a_cli_run_hides_the_bars_of_libraries_its_flow_imports():
+    """The self-distillation flow imports datasets and huggingface_hub, and training imports
+    transformers: without --logs none of their bars print ("Loading weights", "Writing model shards")."""
+    import subprocess
+    import sys
+
+    script = ("from flows.cli import _load_flow; _load_flow('self_distill', False); import transformers; "
+              "from huggingface_hub.utils import are_progress_bars_disabled; assert are_progress_bars_disabled(); "
+              "assert not transformers.utils.logging.is_progress_bar_enabled()")
+    quiet = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE")
+    env = {k: v for k, v in os.environ.items() if k not in quiet}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env)
+

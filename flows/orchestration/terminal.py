@@ -39,14 +39,14 @@ def quiet_prefect_console() -> None:
     os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     logging.getLogger("distributed").setLevel(logging.WARNING)
-    quiet_third_party()
 
 
 def quiet_third_party() -> None:
     """No progress bars or chatter of the libraries a run uses between our own progress bars:
     `datasets`' "Generating train split", `huggingface_hub`'s and transformers' bars and info
     lines ("Loading weights"), the GGUF conversion's bars, and `FutureWarning`s. Errors and our
-    own warnings still print; `--logs` keeps everything."""
+    own warnings still print; `--logs` keeps everything. Called before those libraries are
+    imported: they read these settings as they load."""
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -57,8 +57,12 @@ def quiet_third_party() -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     for name in ("datasets", "transformers", "huggingface_hub", "filelock"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    if "datasets" in sys.modules:  # imported already: the variable above came too late
+    if "datasets" in sys.modules:  # imported already: the variables above came too late
         sys.modules["datasets"].disable_progress_bars()
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def _rate(stage: dict[str, Any]) -> str:
