@@ -18,9 +18,7 @@
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
-import gc
 import json
 import sys
 from pathlib import Path
@@ -74,9 +72,6 @@ def _run_job(recipe: Path, job: str, logs: bool = False) -> dict:
     bar per stage, and turn every failure into one clear message and exit code 1."""
     from schemas.recipe import RecipeError, load_recipe
 
-    # The run's objects are the OS's to reclaim once it ends: the interpreter's last garbage
-    # collection would walk every one of them (~0.7 s at exit after 10,000 problems) to free them.
-    atexit.register(gc.freeze)
     try:
         loaded = load_recipe(recipe, job=job)
     except RecipeError as exc:
