@@ -24,6 +24,14 @@ def test_shards_are_read_as_they_start_and_leave_nothing_behind(tmp_path, monkey
     seen = {"read": 0, "open": 0, "most_open": 0, "alive": []}
     read, spooled = ProblemShards.read, RowSpool.add
 
+    def graded_alive() -> int:
+        gc.collect()  # what is left is held by something
+        return sum(isinstance(o, GradedTrajectory) for o in gc.get_objects())
+
+    # those of earlier tests in this process still alive (a background thread's last reference):
+    # not this run's to answer for
+    earlier = graded_alive()
+
     def counted_read(shards, index):
         seen["read"] += 1
         seen["open"] += 1
@@ -32,8 +40,7 @@ def test_shards_are_read_as_they_start_and_leave_nothing_behind(tmp_path, monkey
 
     def counted_spool(spool, index, rows):  # a finished shard's rows leave for the spool
         seen["open"] -= 1
-        gc.collect()  # what is left is held by something
-        seen["alive"].append(sum(isinstance(o, GradedTrajectory) for o in gc.get_objects()))
+        seen["alive"].append(graded_alive() - earlier)
         return spooled(spool, index, rows)
 
     monkeypatch.setattr(ProblemShards, "read", counted_read)
