@@ -18,6 +18,13 @@ Then, in turn:
 
 Each prints its rate as a share of the ideal 2 × concurrency / latency requests per second
 (bare and teachers-alone timed inside their process, once set up; ours from spawn to exit).
+`--collector as-is frozen off` adds, after ours, one more `distillery run` leg per mode with
+Python's garbage collector left as it is, frozen after the flow's imports (`gc.freeze()`), or
+off for the whole run, each reporting its collections and the seconds they took: what the
+collector costs the run (counterfactuals for measuring; the product sets none of these).
+`--warm` first runs `distillery run` on 20 of the problems against the fresh Prefect server,
+untimed: the first flow run a server ever sees pays its one-time costs (the flow's record, the
+server's first queries), which a long-running server has paid long before.
 `--detail` adds where ours loses time: requests sent in each second, the requests the fake
 server held in flight per teacher during the first seconds and after (for every leg), the
 fake server's own delay in answering (so a slow fake server is not mistaken for a slow client),
@@ -47,6 +54,28 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_deployment import start_server  # noqa: E402
 from flow_helpers import write_recipe  # noqa: E402
 
+# `python -c` prelude of a --collector leg: argv = mode, stats file, then distillery's own
+COLLECTOR_PRELUDE = """
+import atexit, gc, json, sys, time
+mode, out = sys.argv[1], sys.argv[2]
+sys.argv[:3] = ["distillery"]
+counts, seconds, began = [0, 0, 0], [0.0, 0.0, 0.0], [0.0]
+def watch(phase, info):
+    if phase == "start":
+        began[0] = time.perf_counter()
+    else:
+        counts[info["generation"]] += 1
+        seconds[info["generation"]] += time.perf_counter() - began[0]
+gc.callbacks.append(watch)
+atexit.register(lambda: open(out, "w").write(json.dumps({"collections": counts, "seconds": seconds})))
+if mode == "off":
+    gc.disable()
+elif mode == "frozen":
+    import flows.dualdistill
+    gc.freeze()
+from flows.cli import app
+app()
+"""
 RAMP_S = 8.0  # --detail: the run's first seconds, told apart from the steady state
 OURS = "distillery run (whole process)"
 
@@ -107,6 +136,10 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.2)
     parser.add_argument("--answers", action="store_true",
                         help="also time our teachers alone (clients and journal, no Prefect or later stage)")
+    parser.add_argument("--collector", nargs="+", choices=["as-is", "frozen", "off"], default=[],
+                        help="also run ours once per mode of Python's garbage collector (see above)")
+    parser.add_argument("--warm", action="store_true",
+                        help="run distillery once on 20 problems, untimed, before the legs (see above)")
     parser.add_argument("--detail", action="store_true", help="also print requests sent in each second of the run")
     parser.add_argument("--bare", nargs=2, help=argparse.SUPPRESS)  # internal: base_url problems.jsonl
     parser.add_argument("--teachers-alone", help=argparse.SUPPRESS)  # internal: recipe.yaml
@@ -133,12 +166,19 @@ def main() -> None:
         try:
             base_url = fake.stdout.readline().strip()
             windows: dict[str, tuple[float, float]] = {}  # each leg's wall-clock span, to tell its requests apart
+            teacher_options = {"max_concurrency": args.concurrency, "max_retries": 2, "timeout_s": 30}
+            if args.warm:
+                few = tmp_path / "warm.jsonl"
+                few.write_text("".join(problems.read_text().splitlines(keepends=True)[:20]))
+                warm = write_recipe(tmp_path / "warm.yaml", few, base_url, tmp_path / "out-warm", run_name="bench-warm")
+                _set_teacher_options(warm, teacher_options)
+                subprocess.run([str(ROOT / ".venv" / "bin" / "distillery"), "run", str(warm)], check=True, cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PREFECT_API_URL": api})
             bare_started = time.time()
             bare = subprocess.run([sys.executable, __file__, "--bare", base_url, str(problems), "--concurrency",
                                    str(args.concurrency)], capture_output=True, text=True, check=True)
             windows["bare aiohttp"] = (bare_started, time.time())
             walls = {"bare aiohttp": float(bare.stdout.strip().splitlines()[-1])}
-            teacher_options = {"max_concurrency": args.concurrency, "max_retries": 2, "timeout_s": 30}
             if args.answers:  # its own output folder: the flow's journal starts empty
                 alone = write_recipe(tmp_path / "alone.yaml", problems, base_url, tmp_path / "alone", shard_size=250,
                                      run_name="bench-rate-alone")
@@ -171,6 +211,19 @@ def main() -> None:
             arrivals = sorted(t for times in by_teacher.values() for t in times)
             with urllib.request.urlopen(base_url + "/_late") as reply:  # ours are the last answers
                 late = sorted(json.load(reply)[-requests:])
+            collected = {}
+            for mode in args.collector:  # after ours's figures are read from the fake server
+                leg = f"ours, collector {mode}"
+                run = write_recipe(tmp_path / f"{mode}.yaml", problems, base_url, tmp_path / f"out-{mode}",
+                                   shard_size=250, run_name=f"bench-rate-{mode}")
+                _set_teacher_options(run, teacher_options)
+                stats = tmp_path / f"gc-{mode}.json"
+                leg_started = time.time()
+                subprocess.run([sys.executable, "-c", COLLECTOR_PRELUDE, mode, str(stats), "run", str(run)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, cwd=ROOT,
+                               env={**os.environ, "PREFECT_API_URL": api})
+                walls[leg] = time.time() - leg_started
+                collected[leg] = json.loads(stats.read_text())
         finally:
             fake.kill()
             server.terminate()
@@ -181,6 +234,10 @@ def main() -> None:
         print(f"{name:<32} {wall:7.2f} s  {requests / wall:7.1f} req/s  {requests / wall / ideal:6.1%} of ideal")
     ours_s, bare_s = walls[OURS], walls["bare aiohttp"]
     print(f"ours / bare: {bare_s / ours_s:.3f}; peak RSS of distillery run: {usage.ru_maxrss / 1024:.0f} MB")
+    for leg, figures in collected.items():
+        counts, seconds = figures["collections"], figures["seconds"]
+        print(f"{leg}: / bare {bare_s / walls[leg]:.3f}; collections by generation {counts[0]:,} / {counts[1]:,} / "
+              f"{counts[2]:,}, {sum(seconds):.2f} s in all, the full ones {seconds[2]:.2f} s")
     span = arrivals[-1] + args.latency - arrivals[0]
     print(f"ours, decomposed: {arrivals[0] - started:.2f} s to the first request, {span:.2f} s from it to the last "
           f"answer ({requests / span / ideal:.1%} of ideal in that span), {ended - arrivals[-1] - args.latency:.2f} s "
