@@ -29,7 +29,8 @@ import numpy as np
 import polars as pl
 
 from bench_selection import Peak, _status_kb
-from flows.detection.detectors import bag_classifier, combine, number_statistics, sign_flip_test
+from flows.detection.detectors import bag_classifier, number_statistics, sign_flip_test
+from flows.detection.verdict import combine
 from flows.detection.report_tables import top_digits, top_numbers
 from flows.stages.number_filter import banned_numbers, filter_completions, pass_rates
 

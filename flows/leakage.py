@@ -37,7 +37,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.utilities.annotations import quote
 
 from flows.detection.behavioral import behavioral_result
-from flows.detection.detectors import bag_classifier, combine, number_statistics
+from flows.detection.detectors import bag_classifier, number_statistics
+from flows.detection.verdict import combine
 from flows.detection.likelihood import likelihood_test
 from flows.detection.report_tables import top_digits, top_numbers
 from flows.inputs.number_prompts import NumberPrompt, draw_prompts

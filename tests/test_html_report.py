@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.detection.detectors import combine
+from flows.detection.verdict import combine
 from flows.publishing.html_data import error_kind
 from flows.publishing.html_parts import bin_edges, counts_in, histogram, spans
 from flows.publishing.html_report import REPORT_NAME, build_report_html, write_html_report

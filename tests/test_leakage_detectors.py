@@ -13,11 +13,10 @@ import pytest
 from flows.detection.detectors import (
     NUMBER_TESTS,
     bag_classifier,
-    combine,
-    holm_adjusted,
     number_statistics,
     sign_flip_test,
 )
+from flows.detection.verdict import combine, holm_adjusted
 from flows.detection.report_tables import top_digits, top_numbers
 from schemas.leakage import TestResult
 

@@ -4,9 +4,9 @@ distributed differently from the control teacher's?
 Every detector is a permutation (or sign-flip) test with p = (1 + #{null >= observed}) / (1 + B),
 so under the null hypothesis (trait and control sequences exchangeable; for the likelihood
 shift, differences symmetric about 0) a test rejects at level alpha with probability at most
-alpha. With B permutations the smallest p is 1 / (B + 1); `combine` multiplies the smallest p by
-the number of tests that ran (Holm), so B = DEFAULT_PERMUTATIONS = 999 lets up to 10 tests
-reach alpha = 0.01. A test stays valid with fewer permutations; it only loses resolution.
+alpha. With B permutations the smallest p is 1 / (B + 1); `combine` (verdict.py) multiplies the
+smallest p by the number of tests that ran (Holm), so B = DEFAULT_PERMUTATIONS = 999 lets up to
+10 tests reach alpha = 0.01. A test stays valid with fewer permutations; it only loses resolution.
 
 What each test can and cannot show:
 - `number_frequency` (chi-square between the two count vectors over every number seen):
@@ -45,14 +45,14 @@ the smaller keeps enough units. Permuted statistics equal to the observed one co
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import chain
 
 import numpy as np
 import polars as pl
 
-from schemas.leakage import LeakageVerdict, TestResult
+from schemas.leakage import TestResult
 
 DEFAULT_PERMUTATIONS = 999  # smallest p 0.001: Holm over up to 10 tests still reaches alpha 0.01
 MAX_UNITS = 2000  # permutation units for the count tests (see the module docstring)
@@ -429,44 +429,3 @@ def sign_flip_test(
         p_value=_permutation_p(observed, null),
         detail={"mean_shift": observed, "n": int(finite.size), "dropped": dropped, "permutations": permutations},
     )
-
-
-def holm_adjusted(p_values: Sequence[float]) -> list[float]:
-    """Holm-Bonferroni adjusted p-values, in the input order."""
-    p = np.asarray(p_values, dtype=np.float64)
-    order = np.argsort(p, kind="stable")
-    stepped = np.maximum.accumulate((len(p) - np.arange(len(p))) * p[order])
-    adjusted = np.empty_like(p)
-    adjusted[order] = np.minimum(1.0, stepped)
-    return adjusted.tolist()
-
-
-def bonferroni_adjusted(p_values: Sequence[float]) -> list[float]:
-    return [min(1.0, len(p_values) * p) for p in p_values]
-
-
-CORRECTIONS: dict[str, Callable[[Sequence[float]], list[float]]] = {
-    "holm": holm_adjusted,
-    "bonferroni": bonferroni_adjusted,
-}
-
-
-def combine(tests: Sequence[TestResult], alpha: float, correction: str = "holm") -> LeakageVerdict:
-    """The verdict over the tests that ran: each gets `adjusted_p_value` in its detail, the
-    verdict's p_value is the smallest adjusted p, and a leak is detected when it is <= alpha.
-    Skipped tests are kept but not counted; with none run, p_value is None."""
-    if correction not in CORRECTIONS:
-        raise ValueError(f"unknown correction {correction!r}; known: {', '.join(CORRECTIONS)}")
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    ran = [i for i, t in enumerate(tests) if t.ran]
-    if not ran:
-        return LeakageVerdict(p_value=None, leak_detected=False, alpha=alpha, correction=correction, tests=tuple(tests))
-    adjusted = dict(zip(ran, CORRECTIONS[correction]([tests[i].p_value for i in ran])))
-    annotated = tuple(
-        replace(t, detail={**t.detail, "adjusted_p_value": adjusted[i]}) if i in adjusted else t
-        for i, t in enumerate(tests)
-    )
-    p_value = min(adjusted.values())
-    return LeakageVerdict(p_value=p_value, leak_detected=p_value <= alpha, alpha=alpha, correction=correction,
-                          tests=annotated)
