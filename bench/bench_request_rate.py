@@ -167,11 +167,18 @@ def main() -> None:
             base_url = fake.stdout.readline().strip()
             windows: dict[str, tuple[float, float]] = {}  # each leg's wall-clock span, to tell its requests apart
             teacher_options = {"max_concurrency": args.concurrency, "max_retries": 2, "timeout_s": 30}
+
+            def leg_recipe(name: str, source: Path = problems, **overrides) -> Path:
+                """A recipe of its own for one leg (its own output folder: its journal starts empty)."""
+                path = write_recipe(tmp_path / f"{name}.yaml", source, base_url, tmp_path / f"out-{name}",
+                                    run_name=f"bench-rate-{name}", **overrides)
+                _set_teacher_options(path, teacher_options)
+                return path
+
             if args.warm:
                 few = tmp_path / "warm.jsonl"
                 few.write_text("".join(problems.read_text().splitlines(keepends=True)[:20]))
-                warm = write_recipe(tmp_path / "warm.yaml", few, base_url, tmp_path / "out-warm", run_name="bench-warm")
-                _set_teacher_options(warm, teacher_options)
+                warm = leg_recipe("warm", few)
                 subprocess.run([str(ROOT / ".venv" / "bin" / "distillery"), "run", str(warm)], check=True, cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PREFECT_API_URL": api})
             bare_started = time.time()
@@ -179,18 +186,14 @@ def main() -> None:
                                    str(args.concurrency)], capture_output=True, text=True, check=True)
             windows["bare aiohttp"] = (bare_started, time.time())
             walls = {"bare aiohttp": float(bare.stdout.strip().splitlines()[-1])}
-            if args.answers:  # its own output folder: the flow's journal starts empty
-                alone = write_recipe(tmp_path / "alone.yaml", problems, base_url, tmp_path / "alone", shard_size=250,
-                                     run_name="bench-rate-alone")
-                _set_teacher_options(alone, teacher_options)
+            if args.answers:
+                alone = leg_recipe("alone", shard_size=250)
                 alone_started = time.time()
                 answered = subprocess.run([sys.executable, __file__, "--teachers-alone", str(alone)],
                                           capture_output=True, text=True, check=True, cwd=ROOT)
                 windows["our teachers alone"] = (alone_started, time.time())
                 walls["our teachers alone"] = float(answered.stdout.strip().splitlines()[-1])
-            recipe = write_recipe(tmp_path / "r.yaml", problems, base_url, tmp_path / "out", shard_size=250,
-                                  run_name="bench-rate")
-            _set_teacher_options(recipe, teacher_options)
+            recipe = leg_recipe("ours", shard_size=250)
             host = HostCpu()
             started = time.time()
             ours = subprocess.Popen([str(ROOT / ".venv" / "bin" / "distillery"), "run", str(recipe)],
@@ -214,9 +217,7 @@ def main() -> None:
             collected = {}
             for mode in args.collector:  # after ours's figures are read from the fake server
                 leg = f"ours, collector {mode}"
-                run = write_recipe(tmp_path / f"{mode}.yaml", problems, base_url, tmp_path / f"out-{mode}",
-                                   shard_size=250, run_name=f"bench-rate-{mode}")
-                _set_teacher_options(run, teacher_options)
+                run = leg_recipe(mode, shard_size=250)
                 stats = tmp_path / f"gc-{mode}.json"
                 leg_started = time.time()
                 subprocess.run([sys.executable, "-c", COLLECTOR_PRELUDE, mode, str(stats), "run", str(run)],

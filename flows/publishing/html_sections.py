@@ -166,7 +166,3 @@ def samples_intro(per: str, shown: int) -> Html:
     return join([LEGEND, _note(f"The first {shown} rows of each {per}, in the dataset's order. Model text is shown "
                                "as written (escaped); executor output, failed code and failed first attempts "
                                "are the untrained spans.")])
-
-
-def esc_list(values: Sequence[Any]) -> Html:
-    return esc(", ".join(str(v) for v in values))
